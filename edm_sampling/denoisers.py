@@ -128,7 +128,7 @@ def module_dtype(module: Any, default: torch.dtype) -> torch.dtype:
 
 def sigma_column(sigma: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sigma as a [B, 1, ..., 1] tensor on x's device, from a float, 0-d or [B] tensor."""
-    sigma = torch.as_tensor(sigma, device=x.device).to(dtype)
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))

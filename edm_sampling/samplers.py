@@ -169,7 +169,9 @@ def _check_solver(solver: str, alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
 
 
-def _round_grid(sigmas: torch.Tensor, round_sigma: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def round_grid(sigmas: torch.Tensor, round_sigma: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The grid with every positive level passed through `round_sigma` (the final 0 kept), so
+    the ODE is solved at levels a discrete model represents exactly."""
     rounded = sigmas.clone()
     rounded[sigmas > 0] = round_sigma(sigmas[sigmas > 0]).to(torch.float64)
     return rounded
@@ -221,7 +223,7 @@ def sample(
     model_kwargs = dict(model_kwargs or {})
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)
 
-    sigmas = _round_grid(sigmas, round_sigma)
+    sigmas = round_grid(sigmas, round_sigma)
     gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
     hats = [float(round_sigma(torch.tensor([h], dtype=torch.float64))[0]) for h in sigma_hats(sigmas, gammas)]
     levels = sigmas.tolist()
@@ -337,7 +339,7 @@ def sample_ablation(
         raise ValueError(f"scaling must be one of {sorted(SCALINGS)}, got {scaling!r}")
     model_kwargs = dict(model_kwargs or {})
     round_sigma = getattr(denoiser, "round_sigma", None) or (lambda s: s)
-    sigmas = _round_grid(denoiser_sigmas(denoiser, num_steps, sigma_min, sigma_max, rho, discretization_name), round_sigma)
+    sigmas = round_grid(denoiser_sigmas(denoiser, num_steps, sigma_min, sigma_max, rho, discretization_name), round_sigma)
     gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
     hats = [float(round_sigma(torch.tensor([h], dtype=torch.float64))[0]) for h in sigma_hats(sigmas, gammas)]
     dtype = state_dtype or torch.promote_types(latents.dtype, torch.float32)

@@ -1,0 +1,115 @@
+"""`EDMPipeline`: unconditional or class-conditional image sampling for the models no diffusers
+pipeline fits: VE NCSN++ (fourier `UNet2DModel`) and EDM-preconditioned `UNet2DModel`s (also
+DDPM-family ones), driven by `EDMScheduler`.
+
+    pipe = EDMPipeline(unet=unet, scheduler=EDMScheduler(model_family="edm"))
+    images = pipe(batch_size=4, num_inference_steps=18, generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from .samplers import check_generator, randn
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class EDMPipeline(DiffusionPipeline):
+    """Sampling loop of the diffusers protocol around a UNet2DModel and an `EDMScheduler`.
+
+    The state stays in float32 (or the latents' wider dtype) whatever the UNet's dtype; the
+    UNet's input is cast to its own dtype. Images come back in [0, 1]: VE data already lives
+    in [0, 1], VP and EDM data in [-1, 1].
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: Any, scheduler: Any):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, self.unet.config.in_channels, *size)
+
+    def _class_labels(self, class_labels: Any, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        conditional = (
+            getattr(self.unet.config, "num_class_embeds", None) is not None
+            or getattr(self.unet.config, "class_embed_type", None) is not None
+        )
+        if class_labels is None:
+            if conditional:
+                raise ValueError("class_labels is required: the unet is class-conditional (num_class_embeds is set)")
+            return None
+        if not conditional:
+            raise ValueError("class_labels was given but the unet has no class embedding")
+        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"class_labels must hold 1 or batch_size={batch_size} labels, got {labels.numel()}")
+        return labels.long()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 18,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        class_labels: int | Sequence[int] | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate `batch_size` images.
+
+        Args:
+            generator: one generator, or a list of one per sample (then each sample depends
+                only on its own seed; churn noise is drawn per sample too).
+            class_labels: one label for all samples or one per sample (class-conditional UNets).
+            latents: N(0, I) noise of the sample shape; drawn with `generator` when None.
+            output_type: "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or "latent"
+                (the raw final samples in the model's data range, unclamped).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_generator(generator, batch_size)
+        device = self._execution_device
+        shape = self._sample_shape(batch_size)
+        if latents is None:
+            latents = randn(shape, generator, device, torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        labels = self._class_labels(class_labels, batch_size, device)
+        model_kwargs = {} if labels is None else {"class_labels": labels}
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        state_dtype = torch.promote_types(latents.dtype, torch.float32)
+        sample = latents.to(device=device, dtype=state_dtype) * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            output = self.unet(model_input, t, **model_kwargs).sample
+            sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
+
+        family = getattr(self.scheduler.config, "model_family", "vp")
+        if output_type == "latent":
+            images = sample
+        else:
+            images = sample if family == "ve" else sample / 2 + 0.5
+            images = images.clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -15,6 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .samplers import ode_slope
 from .oracles import DIGITS_SHAPE, FiniteDataOracle, builtin_gaussian, load_digits
 from .schedules import alphas_cumprod_from_betas, alphas_cumprod_to_sigmas, betas_from_config, timestep_to_sigma
 
@@ -54,5 +55,5 @@ class OracleUNet2DModel(ModelMixin, ConfigMixin):
         sigma = timestep_to_sigma(timestep.to(torch.float64), self._tables["train_sigmas"].to(sample.device))
         sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1)))
         x = sample.double() * torch.sqrt(sigma**2 + 1)
-        eps = ((x - self.oracle(x, sigma.reshape(-1))) / sigma).to(sample.dtype)
+        eps = ode_slope(x, self.oracle(x, sigma.reshape(-1)), sigma).to(sample.dtype)  # eps = (x - D) / sigma
         return UNet2DOutput(sample=eps) if return_dict else (eps,)

@@ -67,10 +67,12 @@ class FiniteDataOracle(Denoiser):
         flat_points = self.points.to(x.device, torch.float64).reshape(self.points.shape[0], -1)
         sigma = sigma_column(sigma, x, torch.float64).reshape(-1, 1)
         flat_x = x.double().reshape(x.shape[0], -1)
+        point_norms = (flat_points**2).sum(1)
         out = []
         for start in range(0, x.shape[0], self.chunk_size):
             xs, ss = flat_x[start : start + self.chunk_size], sigma[start : start + self.chunk_size]
-            squared = torch.cdist(xs, flat_points, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+            # ||x||^2 - 2 x.y + ||y||^2 in float64: cancellation stays far below sigma_min^2
+            squared = (xs**2).sum(1, keepdim=True) - 2 * xs @ flat_points.T + point_norms
             weights = torch.softmax(-squared / (2 * ss**2), dim=1)
             out.append(weights @ flat_points)
         return torch.cat(out).reshape(x.shape).to(x.dtype)

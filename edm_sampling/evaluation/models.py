@@ -1,0 +1,288 @@
+"""The models a sweep can run on, behind one small interface (`BenchModel`).
+
+- The built-in exact models (no download): "digits", the ideal denoiser of scikit-learn's 1797
+  8x8 digits, and "gaussian", a 64-d Gaussian whose ODE has a closed-form solution.
+- A local diffusers folder (`--model PATH`): a DDPM / DDIM style UNet + scheduler, an NCSN++
+  (VE) UNet with `ScoreSdeVeScheduler`, a model trained with this package (EDM
+  preconditioning, `edm_sampling.schedulers.EDMScheduler`), or a Stable Diffusion folder
+  (with a prompt; classifier-free guidance folded into the network, one call per evaluation).
+
+Each model gives our samplers a denoiser D(x; sigma) and, where diffusers' own samplers
+apply (discrete VP models), an epsilon network plus the scheduler config to build them from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+BUILTIN_MODELS = ("digits", "gaussian")
+VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
+EDM_SCHEDULERS = ("EDMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+
+
+@dataclass
+class BenchModel:
+    """What a sweep needs from a model.
+
+    `denoiser`: D(x; sigma) in the model's own data space, for our samplers.
+    `sigma_min`, `sigma_max`: the sampling range our discretizations span (EDM's 0.002..80
+    clamped to the model's support).
+    `unet`, `scheduler_config`: an epsilon-prediction (or v / sample) network with the
+    `UNet2DModel` call signature and the config of its DDPM-family scheduler, for diffusers'
+    own samplers; None where those samplers do not apply (VE, EDM models).
+    `to_image`: model data -> images in [-1, 1] (VE data is in [0, 1]; latents are decoded).
+    `exact_solution(x, sigma)`: the exact ODE solution at sigma = 0 from x at sigma, if known.
+    `reference_images()`: data images in [-1, 1] for the Frechet reference statistics.
+    `num_classes`: class-conditional models get one label per seed.
+    """
+
+    name: str
+    denoiser: Callable[..., torch.Tensor]
+    sample_shape: tuple[int, ...]
+    sigma_min: float
+    sigma_max: float
+    unet: Callable[..., Any] | None = None
+    scheduler_config: dict | None = None
+    to_image: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    exact_solution: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    reference_images: Callable[[], torch.Tensor] | None = None
+    reference_description: dict = field(default_factory=dict)
+    num_classes: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "BenchModel":
+        for part in (self.denoiser, self.unet):
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
+        return self
+
+    def class_labels(self, seeds: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-seed class labels (drawn from the seed, so they do not depend on the batch)."""
+        if not self.num_classes:
+            return {}
+        labels = [
+            int(torch.randint(self.num_classes, (1,), generator=torch.Generator().manual_seed(10_000_019 + s)))
+            for s in seeds
+        ]
+        return {"class_labels": torch.tensor(labels, device=device)}
+
+
+def builtin_model(name: str = "digits") -> BenchModel:
+    """The built-in exact model: the oracle for our samplers and `OracleUNet2DModel` (its
+    epsilon form for diffusers' default DDPM betas) for diffusers' samplers."""
+    from diffusers import DDPMScheduler
+
+    from ..oracle_unet import OracleUNet2DModel
+    from ..oracles import builtin_oracle, load_digits
+
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"--model: the built-in models are {BUILTIN_MODELS}, got {name!r} (or give a folder path)")
+    oracle = builtin_oracle(name)
+    unet = OracleUNet2DModel(dataset=name).eval()
+    scheduler_config = dict(DDPMScheduler(clip_sample=False).config)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    common = dict(name=name, denoiser=oracle, sample_shape=shape, sigma_min=0.002, sigma_max=80.0, unet=unet,
+                  scheduler_config=scheduler_config)
+    if name == "digits":
+        return BenchModel(
+            **common,
+            reference_images=lambda: load_digits().float(),
+            reference_description={"data": "sklearn digits 8x8, 1797 images, [-1, 1]"},
+            info={"model": "exact denoiser of scikit-learn's 8x8 digits (1797 images)"},
+        )
+    return BenchModel(
+        **common,
+        exact_solution=lambda x, sigma: oracle.ode_solution(x, sigma, 0.0),
+        reference_images=lambda: oracle.sample_data(10_000, torch.Generator().manual_seed(0)).float(),
+        reference_description={"data": "built-in gaussian, 10000 draws, seed 0"},
+        info={"model": "exact denoiser of a 64-d anisotropic Gaussian (closed-form ODE solution)"},
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--model: cannot read {path}: {error}") from error
+
+
+def _load_component(root: Path, name: str, spec: Any) -> Any:
+    """Load component `name` of a pipeline folder from its [library, class] entry in model_index.json."""
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2) or spec[0] is None:
+        return None
+    library, class_name = spec
+    try:
+        module = importlib.import_module(library)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--model: component {name!r} needs {library}.{class_name}, which cannot be imported: {error}") from error
+    try:
+        return cls.from_pretrained(str(root / name))
+    except Exception as error:  # surfaced as a clear input error
+        raise ValueError(f"--model: cannot load component {name!r} ({class_name}) from {root / name}: {error}") from error
+
+
+def check_model_folder(path: str | Path) -> dict:
+    """Validate a diffusers folder and return its model_index.json (before anything is loaded)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"--model: {str(path)!r} is neither a built-in model {BUILTIN_MODELS} nor a folder")
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(
+            f"--model: {root} is not a diffusers model folder (no model_index.json); save one with pipeline.save_pretrained(path)"
+        )
+    index = _read_json(index_path)
+    if "unet" not in index:
+        raise ValueError(f"--model: {root} has no 'unet' component in model_index.json (components: {sorted(k for k in index if not k.startswith('_'))})")
+    if "scheduler" not in index or not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise ValueError(f"--model: {root} has no scheduler/scheduler_config.json")
+    return index
+
+
+def load_model(
+    path: str | Path,
+    prompt: str | None = None,
+    guidance_scale: float = 7.5,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BenchModel:
+    """A `BenchModel` from a built-in name or a local diffusers folder (see the module docstring)."""
+    if str(path) in BUILTIN_MODELS:
+        return builtin_model(str(path))
+    root = Path(path)
+    index = check_model_folder(root)
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler_class = scheduler_config.get("_class_name", "")
+    is_sd = "text_encoder" in index and "vae" in index
+    if is_sd and not prompt:
+        raise ValueError(f"--prompt: {root} is a text-to-image model; give a prompt to sample it with")
+    unet = _load_component(root, "unet", index["unet"])
+    unet = unet.to(device).eval().requires_grad_(False)
+    if unet.dtype != dtype:
+        unet = unet.to(dtype=dtype)
+    if is_sd:
+        return _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidance_scale, device, dtype)
+
+    from ..denoisers import DiscreteVPDenoiser, EDMDenoiser, VEDenoiser
+
+    config = unet.config
+    size = config.sample_size if isinstance(config.sample_size, (list, tuple)) else (config.sample_size,) * 2
+    shape = (config.in_channels, *size)
+    num_classes = getattr(config, "num_class_embeds", None)
+    info = {"model": str(root), "pipeline": index.get("_class_name"), "scheduler": scheduler_class}
+    family = scheduler_config.get("model_family") if scheduler_class == "EDMScheduler" else None
+    if scheduler_class in VE_SCHEDULERS or family == "ve":
+        lo, hi = float(scheduler_config.get("sigma_min", 0.01)), float(scheduler_config.get("sigma_max", 1348.0))
+        denoiser = VEDenoiser(unet, sigma_min=lo, sigma_max=hi)
+        return BenchModel(
+            name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=max(lo, 0.02), sigma_max=min(hi, 100.0),
+            to_image=lambda x: x * 2 - 1, num_classes=num_classes, info=info,
+        )
+    if family == "edm" or (scheduler_class in EDM_SCHEDULERS and family is None):
+        sigma_data = float(scheduler_config.get("sigma_data", 0.5))
+        lo = float(scheduler_config.get("sigma_min", 0.002))
+        hi = float(scheduler_config.get("sigma_max", 80.0))
+        net = _Negated(unet) if scheduler_config.get("prediction_type") == "v_prediction" else unet
+        denoiser = EDMDenoiser(net, sigma_data=sigma_data)
+        return BenchModel(
+            name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi,
+            num_classes=num_classes, info=info,
+        )
+    if not any(k in scheduler_config for k in ("beta_start", "beta_schedule", "trained_betas", "num_train_timesteps")):
+        raise ValueError(f"--model: scheduler {scheduler_class!r} in {root} is neither a DDPM-family (betas), VE nor EDM scheduler")
+    denoiser = DiscreteVPDenoiser.from_scheduler_config(unet, scheduler_config)
+    from ..schedules import clamp_sigma_range
+
+    lo, hi = clamp_sigma_range(0.002, 80.0, denoiser.sigma_min, denoiser.sigma_max)
+    return BenchModel(
+        name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi, unet=unet,
+        scheduler_config=scheduler_config, num_classes=num_classes, info=info,
+    )
+
+
+class _Negated(torch.nn.Module):
+    """An EDM net saved with prediction_type "v_prediction" outputs -F (diffusers' EDM schedulers' convention)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from ..denoisers import network_output
+
+        return -network_output(self.net(*args, **kwargs))
+
+
+class GuidedUNet(torch.nn.Module):
+    """A text-conditioned UNet with classifier-free guidance folded in: one call evaluates the
+    unconditional and conditional branches on a doubled batch and returns
+    eps_u + w (eps_c - eps_u), so both our samplers and diffusers' count one call per step."""
+
+    def __init__(self, unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("cond", cond, persistent=False)
+        self.register_buffer("uncond", uncond, persistent=False)
+        self.guidance_scale = guidance_scale
+        self.config = unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any):
+        b = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+        context = torch.cat([self.uncond.expand(b, -1, -1), self.cond.expand(b, -1, -1)])
+        out = self.unet(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states=context).sample
+        uncond, cond = out.chunk(2)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=uncond + self.guidance_scale * (cond - uncond))
+
+
+def _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidance_scale, device, dtype) -> BenchModel:
+    from ..denoisers import DiscreteVPDenoiser
+    from ..schedules import clamp_sigma_range
+
+    tokenizer = _load_component(root, "tokenizer", index["tokenizer"])
+    text_encoder = _load_component(root, "text_encoder", index["text_encoder"]).to(device).eval()
+    vae = _load_component(root, "vae", index["vae"]).to(device).eval()
+    if vae.dtype != dtype:
+        vae = vae.to(dtype=dtype)
+
+    @torch.no_grad()
+    def encode(text: str) -> torch.Tensor:
+        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids.to(device))[0].to(dtype)
+
+    net = GuidedUNet(unet, encode(prompt), encode(""), guidance_scale)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size if isinstance(unet.config.sample_size, (list, tuple)) else (unet.config.sample_size,) * 2
+    shape = (unet.config.in_channels, *size)
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+
+    @torch.no_grad()
+    def to_image(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents.to(vae.dtype) / scaling).sample.float().clamp(-1, 1)
+
+    denoiser = DiscreteVPDenoiser.from_scheduler_config(net, scheduler_config)
+    lo, hi = clamp_sigma_range(0.002, 80.0, denoiser.sigma_min, denoiser.sigma_max)
+    return BenchModel(
+        name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi, unet=net,
+        scheduler_config=scheduler_config, to_image=to_image,
+        info={"model": str(root), "pipeline": index.get("_class_name"), "prompt": prompt,
+              "guidance_scale": guidance_scale, "image_size": [s * vae_factor for s in size]},
+    )

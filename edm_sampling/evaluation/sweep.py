@@ -1,0 +1,367 @@
+"""The NFE sweep: every sampler at every target NFE on the same seeds, scored three ways.
+
+1. ODE error. Each deterministic run is compared with a high-accuracy solution of the
+   probability-flow ODE from the *same starting state* (the sampler's own first noise level
+   and its latents scaled the way it scales them): the closed-form solution where the model
+   has one (the built-in Gaussian), else Heun on a `reference_steps`-step EDM grid in float64,
+   whose own accuracy is estimated by halving its step count. The per-sample RMSE is
+   summarised by mean, median and 90th percentile (one sample that falls into another mode
+   of the data can dominate a mean). Stochastic samplers have no ODE reference.
+2. Frechet distance to the data (FID with `--inception PATH`, else FD on pooled pixels; see
+   `features.py`), with the reference statistics cached in an .npz.
+3. Wall time per sample and the model calls actually made.
+
+Seeds are split into fixed chunks of `batch_size`; chunk k runs on process k mod P. Every
+sample draws its noise from its own generator seeded with its seed, so the numbers do not
+depend on the number of processes (`accelerate launch --num_processes P`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+from .samplers_registry import DEFAULT_NFE, SamplerSpec, resolve_samplers, run_sampler
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; `validate()` checks it all before any model is run."""
+
+    model: str = "gaussian"
+    samplers: Sequence[str] | None = None
+    nfe: Sequence[int] = DEFAULT_NFE
+    num_samples: int = 256
+    batch_size: int = 256
+    seed: int = 0
+    reference_steps: int = 256
+    inception: str | None = None
+    reference: str | None = None
+    stats_cache: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+    prompt: str | None = None
+    guidance_scale: float = 7.5
+    dtype: str = "float32"
+    grid_images: int = 64
+    progress: bool = True
+    quiet: bool = False
+    extra_specs: list = field(default_factory=list)
+
+    def validate(self) -> list[SamplerSpec]:
+        """Raise ValueError naming the bad option; returns the sampler specs."""
+        nfe = list(self.nfe)
+        if not nfe:
+            raise ValueError("--nfe: give at least one target NFE")
+        for value in nfe:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--nfe: every target NFE must be an integer >= 1, got {value!r}")
+        if self.num_samples < 2:
+            raise ValueError(f"--num-samples must be >= 2 (a covariance needs two samples), got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.reference_steps != 0 and self.reference_steps < 4:
+            raise ValueError(f"--reference-steps must be 0 (no ODE error) or >= 4, got {self.reference_steps}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.grid_images < 0:
+            raise ValueError(f"--grid-images must be >= 0, got {self.grid_images}")
+        specs = resolve_samplers(self.samplers) if self.samplers or not self.extra_specs else []
+        specs = specs + list(self.extra_specs)
+        if self.output is not None:
+            from .report import check_output_dir
+
+            check_output_dir(self.output, self.overwrite)
+        if self.inception is not None and not Path(self.inception).is_file():
+            raise ValueError(f"--inception: no such file {self.inception}")
+        if self.reference is not None and not Path(self.reference).exists():
+            raise ValueError(f"--reference: no such file or folder {self.reference}")
+        from .models import BUILTIN_MODELS, check_model_folder
+
+        if str(self.model) not in BUILTIN_MODELS:
+            check_model_folder(self.model)
+        return specs
+
+
+def _chunks(num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
+    seeds = list(range(seed, seed + num_samples))
+    return [seeds[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _latents_and_generators(seeds, shape, device, dtype):
+    """Per-seed noise: each sample's generator draws its latents, then its churn noise."""
+    from ..samplers import randn
+
+    gens = _generators(seeds)
+    return randn((len(seeds), *shape), gens, device, dtype), gens
+
+
+def reference_solution(model, latents, start_sigma, start_scale, steps, model_kwargs) -> torch.Tensor:
+    """The ODE solution at sigma = 0 from x = start_scale * latents at start_sigma: exact where
+    the model has a closed form, else Heun on a `steps`-step EDM grid in float64."""
+    from ..samplers import sample
+    from ..schedules import karras_sigmas
+
+    x0 = latents.to(torch.float64) * start_scale
+    if model.exact_solution is not None:
+        return model.exact_solution(x0, start_sigma).to(torch.float64)
+    sigma_min = min(model.sigma_min, start_sigma / 2)
+    sigmas = karras_sigmas(steps, sigma_min=sigma_min, sigma_max=start_sigma)
+    with torch.no_grad():
+        out = sample(model.denoiser, x0 / start_sigma, sigmas, solver="heun", state_dtype=torch.float64,
+                     model_kwargs=model_kwargs, round_sigma=getattr(model.denoiser, "round_sigma", None))
+    return out.sample.to(torch.float64)
+
+
+def _distributed():
+    """(rank, world size, device, gather) from accelerate when launched with it; plain otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        # on a machine without GPUs accelerate forms a gloo (CPU) group only when asked with cpu=True
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes, state.device, gather_object, state.wait_for_everyone
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return 0, 1, device, (lambda x: x), (lambda: None)
+
+
+def _features(config: SweepConfig, device):
+    from .features import InceptionFeatures, PixelFeatures
+
+    if config.inception:
+        return InceptionFeatures(config.inception, device=device)
+    return PixelFeatures()
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edm_sampling" / "fd_stats"
+
+
+def _load_reference_images(path: Path, channels: int = 3) -> torch.Tensor:
+    """A folder of images as [N, C, H, W] in [-1, 1], converted to the samples' channel count."""
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    if len(files) < 2:
+        raise ValueError(f"--reference: {path} holds fewer than 2 images (png/jpg/bmp/webp)")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(f).convert(mode), dtype=np.float32).reshape(*Image.open(f).size[::-1], -1) for f in files]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"--reference: the images in {path} must all have one size")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def reference_statistics(config: SweepConfig, model, features, image_shape) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(mu, sigma, info) of the data features, from --reference or the built-in data, cached in an .npz."""
+    if config.reference is not None and config.reference.endswith(".npz"):
+        with np.load(config.reference) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"--reference: {config.reference} must hold arrays 'mu' and 'sigma'")
+            dim = features.describe(image_shape)["dim"]
+            if data["mu"].shape != (dim,):
+                raise ValueError(f"--reference: {config.reference} holds {data['mu'].shape[0]}-d statistics; "
+                                 f"the samples' {features.name} features are {dim}-d")
+            return data["mu"], data["sigma"], {"source": config.reference}
+    if config.reference is not None:
+        images_fn = lambda: _load_reference_images(Path(config.reference), image_shape[0])  # noqa: E731
+        description = {"data": str(Path(config.reference).resolve())}
+    elif model.reference_images is not None:
+        images_fn, description = model.reference_images, dict(model.reference_description)
+    else:
+        return None
+    description.update(features.describe(image_shape))
+    key = metrics.stats_cache_key(**description)
+    cache_dir = Path(config.stats_cache) if config.stats_cache else _default_cache_dir()
+    path = cache_dir / f"{key}.npz"
+
+    def compute() -> np.ndarray:
+        images = images_fn()
+        return torch.cat([features(images[i : i + 500]) for i in range(0, len(images), 500)]).numpy()
+
+    mu, sigma, cached = metrics.load_or_compute_statistics(path, compute, description)
+    return mu, sigma, {"source": description, "cache": str(path), "loaded_from_cache": cached}
+
+
+def run_sweep(config: SweepConfig) -> dict[str, Any]:
+    """Run the sweep; on the main process returns {"rows", "meta", "samples"} and writes the
+    outputs when `config.output` is set; other processes return {}."""
+    wall_start = time.perf_counter()
+    specs = config.validate()
+    rank, world, device, gather, barrier = _distributed()
+    features = _features(config, device)  # loads --inception now: a bad file fails before sampling
+    from .models import load_model
+
+    dtype = DTYPES[config.dtype]
+    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device, dtype=dtype)
+    model.to(device)
+    if model.unet is None and not config.samplers:
+        specs = [s for s in specs if s.family != "diffusers"]  # default list: only ours apply (VE / EDM models)
+    if any(s.family == "diffusers" for s in specs) and model.unet is None:
+        names = [s.name for s in specs if s.family == "diffusers"]
+        raise ValueError(f"--samplers: {names} need a discrete VP (DDPM-family) model; {config.model} is not one")
+
+    chunks = _chunks(config.num_samples, config.batch_size, config.seed)
+    mine = [k for k in range(len(chunks)) if k % world == rank]
+    nfes = sorted(dict.fromkeys(int(n) for n in config.nfe))
+    do_errors = config.reference_steps > 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(specs) * len(nfes) * len(mine), disable=not config.progress or rank != 0, desc="bench", unit="batch")
+    records = []
+    references: dict[tuple, torch.Tensor] = {}
+    ref_check = None
+    for spec in specs:
+        for nfe in nfes:
+            steps = spec.steps_for_nfe(nfe)
+            done = 0
+            for k in mine:
+                seeds = chunks[k]
+                bar.set_postfix_str(f"{spec.name} NFE {nfe} samples {done}/{len(seeds) * len(mine)}")
+                latents, gens = _latents_and_generators(seeds, model.sample_shape, device, dtype)
+                kwargs = model.class_labels(seeds, device)
+                out = run_sampler(spec, model, latents, steps, gens, kwargs)
+                errors = None
+                if do_errors and not spec.stochastic:
+                    key = (k, round(out.start_sigma, 5), round(out.start_scale, 5))
+                    if key not in references:
+                        references[key] = reference_solution(model, latents, out.start_sigma, out.start_scale,
+                                                             config.reference_steps, kwargs)
+                        if ref_check is None and model.exact_solution is None:
+                            coarse = reference_solution(model, latents, out.start_sigma, out.start_scale,
+                                                        config.reference_steps // 2, kwargs)
+                            diff = metrics.per_sample_rmse(coarse, references[key])
+                            ref_check = {"steps": config.reference_steps, "half_steps_rmse_median": float(np.median(diff)),
+                                         "half_steps_rmse_max": float(diff.max()),
+                                         "estimated_error": float(diff.max()) / 3.0}
+                    errors = metrics.per_sample_rmse(out.sample, references[key])
+                records.append({"sampler": spec.name, "nfe_target": nfe, "chunk": k, "steps": out.steps, "nfe": out.nfe,
+                                "seconds": out.seconds, "errors": errors, "sample": out.sample.detach().float().cpu()})
+                done += len(seeds)
+                bar.update(1)
+    bar.close()
+    records = gather(records)
+    checks = gather([ref_check])
+    if rank != 0:
+        barrier()
+        return {}
+    ref_check = next((c for c in checks if c is not None), None)
+    result = _assemble(config, specs, nfes, model, features, records, ref_check)
+    result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
+    result["meta"]["num_processes"] = world
+    if config.output is not None:
+        write_outputs(config, result)
+    barrier()
+    return result
+
+
+def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[str, Any]:
+    by_run: dict[tuple, list] = {}
+    for r in records:
+        by_run.setdefault((r["sampler"], r["nfe_target"]), []).append(r)
+    first = next(iter(by_run.values()))
+    image_shape = tuple(model.to_image(first[0]["sample"][:1].to(_param_device(model))).shape[1:])
+    stats = reference_statistics(config, model, features, image_shape)
+    rows, samples = [], {}
+    for spec in specs:
+        for nfe in nfes:
+            parts = sorted(by_run[(spec.name, nfe)], key=lambda r: r["chunk"])
+            sample = torch.cat([p["sample"] for p in parts])
+            measured = sorted({p["nfe"] for p in parts})
+            row = {"sampler": spec.name, "family": spec.family, "steps": parts[0]["steps"], "nfe_target": nfe,
+                   "nfe": measured[-1], "num_samples": int(sample.shape[0]),
+                   "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0]}
+            if any(p["errors"] is not None for p in parts):
+                row.update(metrics.summarize_errors(np.concatenate([p["errors"] for p in parts])))
+            else:
+                row.update(metrics.summarize_errors(np.array([])))
+            images = _to_images(model, sample)
+            row["fd"] = math.nan
+            if stats is not None:
+                feats = features(images).numpy()
+                row["fd"] = metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1])
+            rows.append(row)
+            samples[(spec.name, nfe)] = images
+    meta = {
+        "model": config.model,
+        "model_info": model.info,
+        "samplers": {s.name: {"family": s.family, "description": s.description} for s in specs},
+        "features": features.name,
+        "feature_info": features.describe(image_shape),
+        "reference_statistics": None if stats is None else stats[2],
+        "ode_reference": "exact closed form" if model.exact_solution is not None
+        else (f"Heun, {config.reference_steps} steps, float64" if config.reference_steps else "none"),
+        "ode_reference_check": ref_check,
+        "config": {k: v for k, v in asdict(config).items() if k != "extra_specs"},
+        "versions": _versions(),
+    }
+    if stats is not None and model.reference_images is not None and config.reference is None:
+        meta["fd_floor"] = _fd_floor(model, features, stats, config.num_samples)
+    return {"rows": rows, "meta": meta, "samples": samples}
+
+
+def _param_device(model) -> torch.device:
+    for part in (model.denoiser, model.unet):
+        if isinstance(part, torch.nn.Module):
+            for p in list(part.parameters()) + list(part.buffers()):
+                return p.device
+    return torch.device("cpu")
+
+
+def _to_images(model, sample: torch.Tensor) -> torch.Tensor:
+    device = _param_device(model)
+    with torch.no_grad():
+        return torch.cat([model.to_image(sample[i : i + 64].to(device)).float().cpu() for i in range(0, len(sample), 64)])
+
+
+def _fd_floor(model, features, stats, n: int) -> dict:
+    """FD of n true data samples: what a perfect sampler would score with this many samples."""
+    data = model.reference_images()
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[: min(n, len(data))]
+    feats = features(data[index]).numpy()
+    return {"num_samples": int(len(index)), "fd": metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1])}
+
+
+def _versions() -> dict:
+    import diffusers
+
+    from .. import __version__
+
+    return {"edm_sampling": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
+
+
+def write_outputs(config: SweepConfig, result: dict[str, Any]) -> Path:
+    """results.csv, results.json, quality_vs_nfe.png and grids/<sampler>_nfe<N>.png in config.output."""
+    from .report import COLUMNS, plot_quality_vs_nfe, prepare_output_dir, save_grid, write_csv, write_json
+
+    out = prepare_output_dir(config.output, config.overwrite)
+    rows = result["rows"]
+    write_csv(rows, out / "results.csv", COLUMNS)
+    write_json({"rows": rows, "meta": result["meta"]}, out / "results.json")
+    plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs NFE")
+    if config.grid_images:
+        (out / "grids").mkdir(exist_ok=True)
+        for (name, nfe), images in result["samples"].items():
+            save_grid(images[: config.grid_images], out / "grids" / f"{_safe(name)}_nfe{nfe}.png")
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)

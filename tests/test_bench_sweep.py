@@ -1,0 +1,204 @@
+"""`edm-sampling bench` / `tune` end to end on CPU: outputs, convergence order, equal-NFE
+comparison with diffusers' samplers, process-count independence, model folders, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edm_sampling.cli import main
+from edm_sampling.evaluation.metrics import loglog_slope
+from edm_sampling.evaluation.samplers_registry import SAMPLERS
+from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path, *extra: str) -> list[str]:
+    return ["bench", "--stats-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+
+
+def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
+    out = tmp_path / "bench"
+    start = time.perf_counter()
+    assert main(_bench(tmp_path, "--nfe", "4,9", "--num-samples", "16", "--output", str(out))) == 0
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60
+    printed = capsys.readouterr().out
+    assert "wall time:" in printed and "edm-heun" in printed and "dpmpp-2m-karras" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(SAMPLERS) * 2
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["meta"]["reference_statistics"]["cache"].startswith(str(tmp_path / "cache"))
+    assert (out / "quality_vs_nfe.png").stat().st_size > 1000
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert len(grids) == len(SAMPLERS) * 2 and "edm-heun_nfe9.png" in grids
+    by_name = {(r["sampler"], int(r["nfe_target"])): r for r in rows}
+    # the sweep lists diffusers' samplers beside ours at equal (measured) NFE
+    for name in ("edm-heun", "edm-euler", "ddim", "dpmpp-2m-karras", "euler-karras", "heun-karras", "unipc"):
+        assert int(by_name[(name, 9)]["nfe"]) == 9
+    # an even target: Heun-type samplers take the largest count not above it, and say so
+    assert int(by_name[("edm-heun", 4)]["nfe"]) == 3 and int(by_name[("heun-karras", 4)]["nfe"]) == 3
+    assert int(by_name[("ddim", 4)]["nfe"]) == 4
+    assert by_name[("edm-heun-churn", 9)]["error_mean"] == ""  # stochastic: no ODE reference
+    assert float(by_name[("edm-heun", 9)]["fd"]) > 0
+    # the reference statistics came from the cache the second time; the folder is not overwritten silently
+    with pytest.raises(SystemExit):
+        main(_bench(tmp_path, "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out)))
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(_bench(tmp_path, "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out),
+                       "--overwrite", "--grid-images", "0")) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["meta"]["reference_statistics"]["loaded_from_cache"] is True
+    assert not (out / "grids").exists()
+
+
+def test_heun_error_falls_at_second_order_on_the_builtin_model(tmp_path):
+    config = SweepConfig(model="gaussian", samplers=["edm-heun", "edm-euler"], nfe=[9, 17, 35, 63], num_samples=16,
+                         progress=False, stats_cache=str(tmp_path))
+    rows = run_sweep(config)["rows"]
+    heun = [r for r in rows if r["sampler"] == "edm-heun"]
+    euler = [r for r in rows if r["sampler"] == "edm-euler"]
+    assert [r["nfe"] for r in heun] == [9, 17, 35, 63]
+    heun_slope = loglog_slope([r["nfe"] for r in heun], [r["error_median"] for r in heun])
+    euler_slope = loglog_slope([r["nfe"] for r in euler], [r["error_median"] for r in euler])
+    assert -2.6 < heun_slope < -1.7, heun_slope
+    assert -1.3 < euler_slope < -0.7, euler_slope
+    assert heun[-1]["error_mean"] < euler[-1]["error_mean"]
+
+
+def _rows_key(rows):
+    return [(r["sampler"], r["nfe"], r["error_mean"], r["error_median"], r["fd"]) for r in rows]
+
+
+def test_one_and_two_processes_give_the_same_results(tmp_path):
+    args = ["--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
+            "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"]
+    single = run_sweep(SweepConfig(model="gaussian", samplers=["edm-heun-churn", "edm-heun", "ddim"], nfe=[5], num_samples=6,
+                                   batch_size=2, progress=False, stats_cache=str(tmp_path / "cache")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+               "-m", "edm_sampling.cli", "bench", "--output", str(tmp_path / "two"), *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(2 process(es))" in done.stdout
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["meta"]["num_processes"] == 2
+    expected = [(s, n, None if np.isnan(a) else a, None if np.isnan(b) else b, f) for s, n, a, b, f in _rows_key(single["rows"])]
+    assert _rows_key(two["rows"]) == expected
+
+
+@pytest.fixture
+def ddpm_folder(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tiny_models import tiny_unet2d
+
+    path = tmp_path / "tiny-ddpm"
+    DDPMPipeline(unet=tiny_unet2d(in_channels=1, num_class_embeds=3), scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
+
+
+def test_bench_on_a_local_diffusers_folder(tmp_path, ddpm_folder):
+    result = run_sweep(SweepConfig(model=str(ddpm_folder), samplers=["edm-heun", "ddim", "dpmpp-2m-karras"], nfe=[3],
+                                   num_samples=4, reference_steps=8, progress=False, output=str(tmp_path / "out")))
+    rows = {r["sampler"]: r for r in result["rows"]}
+    assert {r["nfe"] for r in rows.values()} == {3}
+    assert all(np.isfinite(r["error_mean"]) for r in rows.values())
+    assert all(np.isnan(r["fd"]) for r in rows.values())  # no reference data for a user model without --reference
+    assert result["meta"]["ode_reference"].startswith("Heun, 8 steps")
+    assert (tmp_path / "out" / "grids" / "ddim_nfe3.png").exists()
+    # with reference images the Frechet distance is computed
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray((np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    result = run_sweep(SweepConfig(model=str(ddpm_folder), samplers=["edm-euler"], nfe=[2], num_samples=4, reference_steps=0,
+                                   reference=str(images), stats_cache=str(tmp_path / "cache"), progress=False))
+    assert np.isfinite(result["rows"][0]["fd"]) and np.isnan(result["rows"][0]["error_mean"])
+
+
+def test_bench_on_a_stable_diffusion_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import tiny_sd_components
+
+    path = tmp_path / "tiny-sd"
+    StableDiffusionPipeline(**tiny_sd_components(tmp_path)).save_pretrained(path)
+    with pytest.raises(ValueError, match="--prompt"):
+        run_sweep(SweepConfig(model=str(path), samplers=["edm-heun"], nfe=[3], num_samples=2, progress=False))
+    result = run_sweep(SweepConfig(model=str(path), prompt="a photo of a cat", samplers=["edm-heun", "euler-karras"], nfe=[3],
+                                   num_samples=2, reference_steps=4, progress=False))
+    assert [r["nfe"] for r in result["rows"]] == [3, 3]
+    assert result["samples"][("edm-heun", 3)].shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nfe", "0"], "--nfe"),
+        (["--samplers", "edm-heun,plms"], "unknown sampler"),
+        (["--model", "NOT_A_MODEL_DIR"], "is not a diffusers model folder"),
+        (["--inception", "WRONG_INCEPTION"], "not an Inception-v3 FID state dict"),
+        (["--num-samples", "1"], "--num-samples"),
+    ],
+)
+def test_bad_input_is_rejected_before_sampling(tmp_path, capsys, args, message):
+    (tmp_path / "NOT_A_MODEL_DIR").mkdir()
+    (tmp_path / "NOT_A_MODEL_DIR" / "weights.bin").write_bytes(b"x")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(3)}, tmp_path / "WRONG_INCEPTION")
+    args = [str(tmp_path / a) if a.isupper() and "_" in a else a for a in args]
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as error:
+        main(_bench(tmp_path, "--output", str(out), *args))
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+    assert not out.exists()  # nothing was sampled or written
+
+
+def test_tune_reports_the_best_churn_and_the_grid(tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--model", "gaussian", "--nfe", "9", "--num-samples", "16", "--s-churn", "0,20", "--s-tmin", "0.05",
+                 "--s-tmax", "1,50", "--s-noise", "1.007", "--output", str(out), "--stats-cache", str(tmp_path / "cache"),
+                 "--no-progress", "--grid-images", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best at NFE 9" in printed
+    grid = json.loads((out / "tune.json").read_text())["grid"]
+    assert len(grid) == 3  # deterministic + 2 churn settings
+    assert grid == sorted(grid, key=lambda r: r["fd"])
+    assert {r["nfe"] for r in grid} == {9}
+    assert (out / "tune.png").exists() and (out / "tune.csv").exists()
+    with pytest.raises(SystemExit):
+        main(["tune", "--s-noise", "0", "--output", str(tmp_path / "t2"), "--no-progress"])
+
+
+@pytest.mark.parametrize("family", ["edm", "ve"])
+def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
+    from edm_sampling.pipelines import EDMPipeline
+    from edm_sampling.schedulers import EDMScheduler
+    from tiny_models import tiny_fourier_unet2d, tiny_unet2d
+
+    unet = tiny_unet2d(in_channels=1) if family == "edm" else tiny_fourier_unet2d(in_channels=1)
+    scheduler = EDMScheduler(model_family=family, sigma_min=0.02 if family == "ve" else 0.002,
+                             sigma_max=100.0 if family == "ve" else 80.0)
+    path = tmp_path / f"tiny-{family}"
+    EDMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
+    result = run_sweep(SweepConfig(model=str(path), nfe=[3], num_samples=2, reference_steps=4, progress=False))
+    names = [r["sampler"] for r in result["rows"]]
+    assert names == [n for n, s in SAMPLERS.items() if s.family == "edm_sampling"]  # diffusers' need a VP model
+    assert all(r["nfe"] == 3 for r in result["rows"])
+    assert all(np.isfinite(r["error_mean"]) for r in result["rows"] if r["sampler"] != "edm-heun-churn")
+    with pytest.raises(ValueError, match="discrete VP"):
+        run_sweep(SweepConfig(model=str(path), samplers=["ddim"], nfe=[3], num_samples=2, progress=False))

@@ -114,6 +114,14 @@ def network_output(result: Any) -> torch.Tensor:
     raise TypeError(f"cannot read a tensor from a network output of type {type(result).__name__}")
 
 
+def mean_output(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The prediction part of a network output: models with a learned variance (iDDPM / ADM,
+    `variance_type="learned_range"`) return twice the input's channels, prediction first."""
+    if output.ndim > 1 and x.ndim > 1 and output.shape[1] == 2 * x.shape[1]:
+        return output[:, : x.shape[1]]
+    return output
+
+
 def module_dtype(module: Any, default: torch.dtype) -> torch.dtype:
     """The dtype a network computes in: its own `dtype`, else its first floating parameter's."""
     dtype = getattr(module, "dtype", None)
@@ -158,9 +166,9 @@ class PreconditionedDenoiser(Denoiser):
     are computed in at least float32, and D is returned in x's dtype.
     """
 
-    def __init__(self, net: Callable[..., Any]):
+    def __init__(self, net: Callable[..., Any] | None):
         super().__init__()
-        self.net = net
+        self.net = net  # None: the adapter serves as its family's maps only (as EDMScheduler uses it)
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:  # pragma: no cover
         raise NotImplementedError
@@ -183,7 +191,7 @@ class PreconditionedDenoiser(Denoiser):
             timestep = timestep.float()
         else:
             timestep = timestep.to(net_dtype)
-        output = network_output(self.net(net_input, timestep, **model_kwargs)).to(compute_dtype)
+        output = mean_output(network_output(self.net(net_input, timestep, **model_kwargs)), x).to(compute_dtype)
         denoised = denoised_from_output(x.to(compute_dtype), self.net_output(output, sigma), coefficients)
         return denoised.to(x.dtype)
 
@@ -211,6 +219,8 @@ class DiscreteVPDenoiser(PreconditionedDenoiser):
         self.prediction_type = prediction_type
         self.timestep_mapping = timestep_mapping
         self.train_sigmas = alphas_cumprod_to_sigmas(alphas_cumprod)
+        if not bool((self.train_sigmas[1:] > self.train_sigmas[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing in (0, 1)")
         self.sigma_min = float(self.train_sigmas[0])
         self.sigma_max = float(self.train_sigmas[-1])
         self._train_sigmas_by_device: dict[torch.device, torch.Tensor] = {}
@@ -291,8 +301,15 @@ class VEDenoiser(PreconditionedDenoiser):
         return undo_fourier_division(output, sigma)
 
 
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 class EDMDenoiser(PreconditionedDenoiser):
-    """An EDM-preconditioned network: D = c_skip x + c_out F(c_in x; ln(sigma)/4)."""
+    """An EDM-preconditioned network: D = c_skip x + c_out F(c_in x; ln(sigma)/4).
+
+    prediction_type "epsilon" is the network F itself; "v_prediction" is a network returning
+    -F (the two conventions of diffusers' EDMEulerScheduler).
+    """
 
     def __init__(
         self,
@@ -300,11 +317,18 @@ class EDMDenoiser(PreconditionedDenoiser):
         sigma_data: float = 0.5,
         sigma_min: float = 0.0,
         sigma_max: float = math.inf,
+        prediction_type: str = "epsilon",
     ):
         super().__init__(net)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
+        if prediction_type not in EDM_PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {EDM_PREDICTION_TYPES} for EDM models, got {prediction_type!r}")
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        self.prediction_type = prediction_type
+
+    def net_output(self, output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return -output if self.prediction_type == "v_prediction" else output
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         return edm_coefficients(sigma, self.sigma_data)

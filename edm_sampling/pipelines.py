@@ -4,6 +4,9 @@ DDPM-family ones), driven by `EDMScheduler`.
 
     pipe = EDMPipeline(unet=unet, scheduler=EDMScheduler(model_family="edm"))
     images = pipe(batch_size=4, num_inference_steps=18, generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
+
+A saved EDMPipeline folder loads with `DiffusionPipeline.from_pretrained(folder)` once this
+module is imported (`import edm_sampling.pipelines`), or with `EDMPipeline.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from . import schedulers as _schedulers  # noqa: F401  (diffusers finds EDMScheduler only in imported modules)
 from .samplers import check_generator, randn
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -113,3 +117,20 @@ class EDMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _register_with_diffusers() -> None:
+    """Make `DiffusionPipeline.from_pretrained(folder)` find EDMPipeline.
+
+    diffusers resolves model_index.json's `_class_name` in its own namespace only, and loads
+    components from modules outside diffusers only once the caller has imported them (it never
+    imports a module because a folder names it). Importing this module does both; an
+    EDMPipeline that diffusers itself may ship one day is left alone.
+    """
+    import diffusers
+
+    if getattr(diffusers, EDMPipeline.__name__, EDMPipeline) is EDMPipeline:
+        setattr(diffusers, EDMPipeline.__name__, EDMPipeline)
+
+
+_register_with_diffusers()

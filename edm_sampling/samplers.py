@@ -85,9 +85,10 @@ def churn_gammas(
     return [gamma if s_tmin <= s <= s_tmax else 0.0 for s in levels]
 
 
-def sigma_hats(sigmas: Sequence[float] | torch.Tensor, gammas: Sequence[float]) -> list[float]:
-    """sigma_hat_i = sigma_i (1 + gamma_i): the raised noise level the model is evaluated at."""
-    return [float(s) * (1.0 + g) for s, g in zip(sigmas[:-1], gammas)]
+def sigma_hats(sigmas: Sequence[float] | torch.Tensor, gammas: Sequence[float], sigma_max: float = math.inf) -> list[float]:
+    """sigma_hat_i = sigma_i (1 + gamma_i), the raised noise level the model is evaluated at,
+    capped at the model's sigma_max (it cannot be evaluated above it) but never below sigma_i."""
+    return [max(min(float(s) * (1.0 + g), sigma_max), float(s)) for s, g in zip(sigmas[:-1], gammas)]
 
 
 def churn_noise_std(sigma: float, sigma_hat: float, s_noise: float = 1.0) -> float:
@@ -177,6 +178,45 @@ def round_grid(sigmas: torch.Tensor, round_sigma: Callable[[torch.Tensor], torch
     return rounded
 
 
+def check_sigmas_in_range(sigmas: torch.Tensor, sigma_min: float, sigma_max: float, name: str = "sigmas") -> None:
+    """Every positive level must lie in the model's range [sigma_min, sigma_max] (a relative
+    1e-3 of slack for rounded values such as 0.01); outside it a model is evaluated where it
+    was not trained."""
+    positive = sigmas[sigmas > 0]
+    lo, hi = float(positive.min()), float(positive.max())
+    if hi > sigma_max * (1 + 1e-3) or lo < sigma_min * (1 - 1e-3):
+        raise ValueError(
+            f"{name} span [{lo:.6g}, {hi:.6g}] but the model supports [{sigma_min:.6g}, {sigma_max:.6g}]; "
+            "clamp the grid to the model's range (denoiser_sigmas does)"
+        )
+
+
+def churned_grid(
+    sigmas: torch.Tensor,
+    round_sigma: Callable[[torch.Tensor], torch.Tensor],
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    sigma_max: float = math.inf,
+) -> tuple[torch.Tensor, list[float]]:
+    """The grid with its positive levels rounded, and every step's sigma_hat (capped at the
+    model's sigma_max, then rounded): the plan shared by `sample`, `sample_ablation` and the
+    diffusers scheduler."""
+    grid = round_grid(sigmas, round_sigma)
+    gammas = churn_gammas(grid, s_churn, s_tmin, s_tmax)
+    hats = round_grid(torch.tensor(sigma_hats(grid, gammas, sigma_max), dtype=torch.float64), round_sigma)
+    return grid, hats.tolist()
+
+
+def _state_dtype(state_dtype: torch.dtype | None, latents: torch.Tensor) -> torch.dtype:
+    """The sampler's state dtype: as asked (floating point), else at least float32."""
+    if state_dtype is None:
+        return torch.promote_types(latents.dtype, torch.float32)
+    if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+        raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
+    return state_dtype
+
+
 def _evaluate(
     denoiser: DenoiserFn, x: torch.Tensor, sigma: float, model_kwargs: dict, step: int, check_finite: bool
 ) -> torch.Tensor:
@@ -223,11 +263,10 @@ def sample(
     model_kwargs = dict(model_kwargs or {})
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)
 
-    sigmas = round_grid(sigmas, round_sigma)
-    gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
-    hats = [float(round_sigma(torch.tensor([h], dtype=torch.float64))[0]) for h in sigma_hats(sigmas, gammas)]
+    check_sigmas_in_range(sigmas, getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf))
+    sigmas, hats = churned_grid(sigmas, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
     levels = sigmas.tolist()
-    dtype = state_dtype or torch.promote_types(latents.dtype, torch.float32)
+    dtype = _state_dtype(state_dtype, latents)
 
     x = latents.to(dtype) * initial_noise_std(levels[0], hats[0], s_noise)
     nfe = 0
@@ -333,16 +372,15 @@ def sample_ablation(
     check_generator(generator, latents.shape[0])
     sched = SIGMA_SCHEDULES.get(schedule) if isinstance(schedule, str) else schedule
     scale = SCALINGS.get(scaling) if isinstance(scaling, str) else scaling
-    if sched is None:
+    if not isinstance(sched, SigmaSchedule):
         raise ValueError(f"schedule must be one of {sorted(SIGMA_SCHEDULES)}, got {schedule!r}")
-    if scale is None:
+    if not isinstance(scale, Scaling):
         raise ValueError(f"scaling must be one of {sorted(SCALINGS)}, got {scaling!r}")
     model_kwargs = dict(model_kwargs or {})
     round_sigma = getattr(denoiser, "round_sigma", None) or (lambda s: s)
-    sigmas = round_grid(denoiser_sigmas(denoiser, num_steps, sigma_min, sigma_max, rho, discretization_name), round_sigma)
-    gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
-    hats = [float(round_sigma(torch.tensor([h], dtype=torch.float64))[0]) for h in sigma_hats(sigmas, gammas)]
-    dtype = state_dtype or torch.promote_types(latents.dtype, torch.float32)
+    grid = denoiser_sigmas(denoiser, num_steps, sigma_min, sigma_max, rho, discretization_name)
+    sigmas, hats = churned_grid(grid, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
+    dtype = _state_dtype(state_dtype, latents)
 
     def at(t: float) -> tuple[float, float, float, float]:
         tt = torch.tensor(t, dtype=torch.float64)
@@ -376,4 +414,4 @@ def sample_ablation(
             slope_mid, _ = slope_at(euler_step(x, slope, t_hat, t_mid), t_mid, i)
             nfe += 1
             x = heun_step(x, slope, slope_mid, t_hat, t_next, alpha)
-    return SamplerOutput(sample=x / at(0.0)[2] if levels[-1] == 0 else x, nfe=nfe, sigmas=sigmas, sigma_hats=hats)
+    return SamplerOutput(sample=x / at(t_of(levels[-1]))[2], nfe=nfe, sigmas=sigmas, sigma_hats=hats)

@@ -36,46 +36,39 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from .denoisers import (
+    TIMESTEP_MAPPINGS,
     Coefficients,
+    DiscreteVPDenoiser,
+    EDMDenoiser,
+    PreconditionedDenoiser,
+    VEDenoiser,
     check_prediction_type,
     denoised_from_output,
-    edm_c_noise,
-    edm_coefficients,
-    undo_fourier_division,
-    ve_coefficients,
-    vp_coefficients,
+    mean_output,
 )
 from .samplers import (
     SOLVERS,
     check_churn,
     check_sigmas,
-    churn_gammas,
+    check_sigmas_in_range,
     churn_noise_std,
+    churned_grid,
     euler_step,
     heun_step,
     initial_noise_std,
     ode_slope,
     randn,
-    round_grid,
-    sigma_hats,
 )
 from .schedules import (
     alphas_cumprod_from_betas,
-    alphas_cumprod_to_sigmas,
     betas_from_config,
     check_num_steps,
     clamp_sigma_range,
     karras_sigmas,
-    sigma_to_timestep,
-    snap_sigma,
     timestep_to_sigma,
 )
 
 MODEL_FAMILIES = ("vp", "ve", "edm")
-TIMESTEP_MAPPINGS = ("interpolate", "round")
-EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
-"""EDM family: "epsilon" is the raw network F of EDM preconditioning, "v_prediction" is -F
-(the two conventions of diffusers' EDMEulerScheduler)."""
 
 _PREDICTOR, _CORRECTOR, _EULER = 0, 1, 2
 _STATE_DTYPES = (torch.float32, torch.float64)
@@ -258,30 +251,22 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         if timestep_mapping not in TIMESTEP_MAPPINGS:
             raise ValueError(f"timestep_mapping must be one of {TIMESTEP_MAPPINGS}, got {timestep_mapping!r}")
         check_prediction_type(prediction_type)
-        if model_family == "edm" and prediction_type not in EDM_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {EDM_PREDICTION_TYPES} for model_family='edm', got {prediction_type!r}"
-            )
         if not (math.isfinite(rho) and rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
         check_churn(s_churn, s_tmin, self._s_tmax, s_noise)
 
-        self.train_sigmas: torch.Tensor | None = None
-        model_range = (0.0, math.inf)
-        if model_family == "vp":
-            betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-            self.train_sigmas = alphas_cumprod_to_sigmas(alphas_cumprod_from_betas(betas))
-            model_range = (float(self.train_sigmas[0]), float(self.train_sigmas[-1]))
-        self.sigma_range = clamp_sigma_range(sigma_min, sigma_max, *model_range)
+        self._family = self._family_maps()
+        self.train_sigmas: torch.Tensor | None = getattr(self._family, "train_sigmas", None)
+        self.sigma_range = clamp_sigma_range(sigma_min, sigma_max, self._family.sigma_min, self._family.sigma_max)
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._calls: list[_Call] = []
         hi = self.sigma_range[1]
-        self._init_noise_sigma = self._state_scale(self._coefficients([hi])[0].c_in) * hi
+        self._init_noise_sigma = self._coefficients([hi])[0].c_in * hi
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._reset_state()
@@ -320,50 +305,34 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    # --- family-specific maps, each a call into the core ----------------------------------------
+    # --- family-specific maps: the core's denoiser adapter of the family, without a network -------
+
+    def _family_maps(self) -> PreconditionedDenoiser:
+        """The family's D(x; sigma) adapter (no network): its coefficients, network timestep,
+        output convention, round_sigma and supported range are the scheduler's too. VE and EDM
+        configs do not state the model's range, so only VP ranges are clamped."""
+        config = self.config
+        if config.model_family == "vp":
+            betas = betas_from_config(
+                config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule, config.trained_betas
+            )
+            return DiscreteVPDenoiser(None, alphas_cumprod_from_betas(betas), config.prediction_type, config.timestep_mapping)
+        if config.model_family == "ve":
+            return VEDenoiser(None, sigma_min=0.0, sigma_max=math.inf)
+        return EDMDenoiser(None, config.sigma_data, prediction_type=config.prediction_type)
 
     def _coefficients(self, sigmas: Sequence[float]) -> list[Coefficients]:
-        sigma = torch.tensor(list(sigmas), dtype=torch.float64)
-        family = self.config.model_family
-        if family == "vp":
-            c = vp_coefficients(sigma, self.config.prediction_type)
-        elif family == "ve":
-            c = ve_coefficients(sigma)
-        else:
-            c = edm_coefficients(sigma, self.config.sigma_data)
+        c = self._family.coefficients(torch.tensor(list(sigmas), dtype=torch.float64))
         return [Coefficients(*values) for values in zip(c.c_skip.tolist(), c.c_out.tolist(), c.c_in.tolist())]
 
-    def _state_scale(self, c_in: float) -> float:
-        return c_in
-
     def _network_timesteps(self, sigmas: Sequence[float]) -> torch.Tensor:
-        sigma = torch.tensor(list(sigmas), dtype=torch.float64)
-        family = self.config.model_family
-        if family == "vp":
-            t = sigma_to_timestep(sigma, self.train_sigmas, self.config.timestep_mapping)
-            return t.long() if self.config.timestep_mapping == "round" else t.float()
-        if family == "ve":
-            return sigma.float()
-        return edm_c_noise(sigma).float()
-
-    def _round(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """The paper's round_sigma: snap positive levels to trained ones for timestep_mapping='round'."""
-        if self.config.model_family != "vp" or self.config.timestep_mapping != "round":
-            return sigmas
-        return round_grid(sigmas, lambda levels: snap_sigma(levels, self.train_sigmas))
-
-    def _network_f(self, output: Any, sigma: float) -> Any:
-        """F of Table 1 from the network's raw output."""
-        if self.config.model_family == "ve":
-            return undo_fourier_division(output, sigma)
-        if self.config.model_family == "edm" and self.config.prediction_type == "v_prediction":
-            return -output
-        return output
+        t = self._family.net_timestep(torch.tensor(list(sigmas), dtype=torch.float64))
+        return t.long() if getattr(self._family, "timestep_mapping", None) == "round" else t.float()
 
     def _slope(self, call: _Call, x_state: Any, output: Any) -> Any:
         """dx/dsigma at `call` from the pipeline's state and the network output (core rules)."""
         x = x_state / call.state_scale
-        denoised = denoised_from_output(x, self._network_f(output, call.sigma), call.coefficients)
+        denoised = denoised_from_output(x, self._family.net_output(output, call.sigma), call.coefficients)
         return ode_slope(x, denoised, call.sigma)
 
     def _with_update(self, calls: list[_Call], k: int) -> _Call:
@@ -379,7 +348,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             return calls[index].state_scale if index < len(calls) else 1.0
 
         def denoised(x: float, out: float) -> float:
-            return denoised_from_output(x / call.state_scale, self._network_f(out, call.sigma), call.coefficients)
+            return denoised_from_output(x / call.state_scale, self._family.net_output(out, call.sigma), call.coefficients)
 
         def euler(x: float, out: float) -> float:
             return scale_of(k + 1) * euler_step(x / call.state_scale, self._slope(call, x, out), call.sigma, call.sigma_next)
@@ -427,11 +396,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         else:
             check_num_steps(num_inference_steps, "num_inference_steps")
             grid = karras_sigmas(num_inference_steps, *self.sigma_range, self.config.rho)
-        grid = self._round(grid)
+        if sigmas is not None:
+            check_sigmas_in_range(grid, self._family.sigma_min, self._family.sigma_max, "sigmas" if timesteps is None else "timesteps")
+        grid, hats = churned_grid(
+            grid, self._family.round_sigma, self.config.s_churn, self.config.s_tmin, self._s_tmax, self._family.sigma_max
+        )
         levels = grid.tolist()
         n = len(levels) - 1
-        gammas = churn_gammas(grid, self.config.s_churn, self.config.s_tmin, self._s_tmax)
-        hats = self._round(torch.tensor(sigma_hats(grid, gammas), dtype=torch.float64)).tolist()
 
         heun = self.config.solver == "heun"
         plan: list[tuple[int, int, float, float]] = []  # (kind, i, sigma, level)
@@ -446,7 +417,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         for (kind, i, sigma, level), c in zip(plan, coefficients):
             finishes_step = kind != _PREDICTOR
             churn = churn_noise_std(levels[i + 1], hats[i + 1], self.config.s_noise) if finishes_step and i + 1 < n else 0.0
-            state_scale = self._state_scale(c.c_in)
+            state_scale = c.c_in  # the state is kept in the model's input scale
             calls.append(
                 _Call(
                     kind=kind,
@@ -475,6 +446,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     def _sigmas_of_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten()
         if self.config.model_family == "vp":
+            last = len(self.train_sigmas) - 1
+            if not bool(((t >= 0) & (t <= last)).all()):
+                raise ValueError(f"timesteps must lie in [0, {last}] (the model's train timesteps), got {t.tolist()}")
             return timestep_to_sigma(t, self.train_sigmas)
         if self.config.model_family == "ve":
             return t
@@ -501,18 +475,26 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self._returned: torch.Tensor | None = None  # the prev_sample object handed to the pipeline
         self._partial: torch.Tensor | None = None  # Heun: the predictor's share of the corrector's result
 
-    def _current_index(self) -> int:
+    def _current_index(self, timestep: Any = None) -> int:
+        """The model call this `step` / `scale_model_input` belongs to. On the first call: the
+        begin index if set, else the call of `timestep` (a pipeline that starts mid-schedule
+        without set_begin_index, as some img2img pipelines do), else 0."""
         if self._step_index is None:
             if not self._calls:
                 raise ValueError("call set_timesteps before sampling")
-            self._step_index = self._begin_index or 0
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            elif timestep is not None:
+                self._step_index = self._index_for_timestep(float(timestep))
+            else:
+                self._step_index = 0
         return self._step_index
 
     # --- the per-call protocol --------------------------------------------------------------------
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network's input: the state itself, which is kept in the model's input scale."""
-        scale = self._calls[self._current_index()].input_scale
+        scale = self._calls[self._current_index(timestep)].input_scale
         return sample if scale == 1.0 else sample * scale
 
     def step(
@@ -530,14 +512,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         Returns prev_sample (in the pipeline's scale and dtype) and pred_original_sample (D, in
         data space). Extra keyword arguments (eta, use_clipped_model_output, ...) are ignored.
         """
-        index = self._current_index()
+        index = self._current_index(timestep)
         if index >= len(self._calls):
             raise IndexError(f"step was called {index + 1} times, but set_timesteps planned {len(self._calls)} model calls")
         call = self._calls[index]
         dtype = sample.dtype if sample.dtype in _STATE_DTYPES else torch.promote_types(sample.dtype, torch.float32)
         x = self._state if sample is self._returned and self._state is not None else sample
-        if model_output.ndim > 1 and model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]  # learned-variance models: keep the mean part
+        model_output = mean_output(model_output, sample)
         terms = (x, model_output)
         if call.kind == _PREDICTOR:
             x_next = _combine(call.update, terms, dtype)

@@ -71,6 +71,9 @@ def karras_sigmas(
     inv_rho = 1.0 / rho
     lo, hi = sigma_min**inv_rho, sigma_max**inv_rho
     sigmas = (hi + _step_fractions(num_steps) * (lo - hi)) ** rho
+    sigmas[0] = sigma_max  # exact ends: S_tmin / S_tmax bounds are inclusive
+    if num_steps > 1:
+        sigmas[-1] = sigma_min
     return _append_zero(sigmas)
 
 
@@ -302,9 +305,16 @@ def betas_from_config(
     with abar(t) = cos^2((t + 0.008) / 1.008 * pi / 2).
     """
     if trained_betas is not None:
-        return _f64(trained_betas).flatten()
-    check_num_steps(num_train_timesteps, "num_train_timesteps")
-    m = num_train_timesteps
+        betas, name = _f64(trained_betas).flatten(), "trained_betas"
+    else:
+        check_num_steps(num_train_timesteps, "num_train_timesteps")
+        betas, name = _betas_of_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule), "beta_start / beta_end"
+    if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(f"{name} must give at least 2 betas, each in (0, 1)")
+    return betas
+
+
+def _betas_of_schedule(m: int, beta_start: float, beta_end: float, beta_schedule: str) -> torch.Tensor:
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, m, dtype=torch.float64)
     if beta_schedule == "scaled_linear":

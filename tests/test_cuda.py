@@ -44,3 +44,45 @@ def test_half_precision_unet_on_cuda(dtype):
     assert out.sample.dtype == torch.float32 and out.nfe == 11
     assert torch.isfinite(out.sample).all()
     assert (out.sample - reference).abs().mean() < 0.05 * reference.abs().mean() + 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["vp", "edm"])
+def test_scheduler_in_ddpm_pipeline_half_precision_without_host_sync(dtype, family):
+    from diffusers import DDPMPipeline
+
+    from edm_sampling.schedulers import EDMScheduler
+
+    unet = tiny_unet().to(CUDA, dtype)
+    scheduler = EDMScheduler(model_family=family, s_churn=20, s_tmin=0.05, s_tmax=50)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler).to(CUDA)
+    pipe.set_progress_bar_config(disable=True)
+
+    original_step = scheduler.step
+
+    def step_without_sync(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    scheduler.step = step_without_sync
+    generator = [torch.Generator(CUDA).manual_seed(s) for s in range(3)]
+    images = pipe(batch_size=3, num_inference_steps=8, generator=generator, output_type="np").images
+    assert images.shape == (3, 16, 16, 3) and (images >= 0).all() and (images <= 1).all()
+
+
+def test_stable_diffusion_fp16_with_edm_scheduler(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import tiny_sd_components
+
+    from edm_sampling.schedulers import EDMScheduler
+
+    parts = tiny_sd_components(tmp_path)
+    pipe = StableDiffusionPipeline(**parts).to(CUDA, torch.float16)
+    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config, s_churn=10)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a tiny prompt", num_inference_steps=6, guidance_scale=5.0, output_type="latent",
+               generator=torch.Generator(CUDA).manual_seed(0)).images
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()

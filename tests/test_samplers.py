@@ -24,6 +24,7 @@ class Recorder:
     def __init__(self, denoiser):
         self.denoiser, self.calls = denoiser, []
         self.round_sigma = getattr(denoiser, "round_sigma", None)
+        self.sigma_min, self.sigma_max = getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf)
 
     def __call__(self, x, sigma, **kwargs):
         self.calls.append((x.clone(), sigma.clone(), kwargs))
@@ -212,3 +213,38 @@ def test_non_finite_model_output_names_step_and_sigma():
 
     with pytest.raises(SM.NonFiniteOutputError, match=r"step \d+ \(sigma = 0\.\d+"):
         SM.sample(broken, latents(2), karras_sigmas(10))
+
+
+def test_learned_variance_output_is_reduced_to_its_prediction():
+    unet = OracleUNet2DModel(dataset="gaussian")
+
+    def with_variance(x, t):
+        eps = unet(x, t).sample
+        return torch.cat([eps, torch.full_like(eps, 7.0)], dim=1)  # ADM-style [eps, variance]
+
+    config = DDPMScheduler(variance_type="learned_range").config
+    plain = DiscreteVPDenoiser.from_scheduler_config(unet, config)
+    learned = DiscreteVPDenoiser.from_scheduler_config(with_variance, config)
+    z, sigmas = latents(2).float(), karras_sigmas(4, 0.01, 80)
+    torch.testing.assert_close(SM.sample(learned, z, sigmas).sample, SM.sample(plain, z, sigmas).sample)
+
+
+def test_sigma_hat_is_capped_at_the_models_sigma_max():
+    unet = OracleUNet2DModel(dataset="gaussian", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    model = Recorder(DiscreteVPDenoiser.from_scheduler_config(unet, config))
+    sigma_max = model.denoiser.sigma_max  # ~14.6, Stable Diffusion's range
+    sigmas = SM.denoiser_sigmas(model.denoiser, 6)
+    out = SM.sample(model, latents(2).float(), sigmas, s_churn=40, generator=torch.Generator().manual_seed(0))
+    assert max(out.sigma_hats) <= sigma_max and out.sigma_hats[0] == pytest.approx(sigma_max)
+    assert out.sigma_hats[1] > sigmas[1].item()  # later steps keep their churn
+    for x, sigma, _ in model.calls:  # every evaluation inside the range the model was trained on
+        assert sigma.max().item() <= sigma_max * (1 + 1e-6)
+
+
+def test_grid_outside_the_models_range_is_rejected():
+    denoiser = DiscreteVPDenoiser.from_scheduler_config(OracleUNet2DModel(dataset="gaussian"), DDPMScheduler().config)
+    with pytest.raises(ValueError, match="model supports"):
+        SM.sample(denoiser, latents(1).float(), karras_sigmas(4, 0.002, 80.0))  # 0.002 < sigma_min ~ 0.01
+    with pytest.raises(ValueError, match="state_dtype"):
+        SM.sample(ORACLE, latents(1), karras_sigmas(4), state_dtype=torch.int32)

@@ -254,3 +254,41 @@ def test_add_noise_at_begin_index():
     noisy = scheduler.add_noise(x0, noise, scheduler.timesteps[2:3])
     sigma = float(scheduler.sigmas[1])  # step 1 starts at call 2; the state is c_in(sigma) x_edm
     torch.testing.assert_close(noisy, (x0 + sigma * noise) / (sigma**2 + 0.25) ** 0.5)
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_img2img_without_set_begin_index_starts_at_the_passed_timestep(solver):
+    """Some pipelines (Kandinsky img2img, AnimateDiff video2video) slice the timesteps and call
+    add_noise but never set_begin_index: the first `step` must start at its timestep's call."""
+    net = _Affine()
+    x0 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    outputs = []
+    for use_begin_index in (True, False):
+        scheduler = EDMScheduler(solver=solver, s_churn=5.0)
+        scheduler.set_timesteps(6)
+        start = 3 * scheduler.order
+        if use_begin_index:
+            scheduler.set_begin_index(start)
+        timesteps = scheduler.timesteps[start:]
+        sample = scheduler.add_noise(x0, noise, timesteps[:1])
+        for t in timesteps:
+            sample = scheduler.step(net(scheduler.scale_model_input(sample, t), t), t, sample,
+                                    generator=torch.Generator().manual_seed(int(t * 1000) % 1000)).prev_sample
+        outputs.append(sample)
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_churn_never_lifts_sigma_hat_above_the_models_range():
+    scheduler = EDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, s_churn=40.0)
+    scheduler.set_timesteps(8)
+    model_sigma_max = scheduler.train_sigmas[-1].item()
+    assert max(scheduler.sigma_hats) <= model_sigma_max
+    assert scheduler.timesteps.max().item() <= 999.0
+    assert scheduler.sigma_hats[1] > scheduler.sigmas[1].item()  # churn still applies below the cap
+
+
+@pytest.mark.parametrize("kwargs, name", [({"sigmas": [500.0, 1.0]}, "sigmas"), ({"timesteps": [5000, 500]}, "timesteps")])
+def test_custom_grid_outside_the_models_range_raises(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        EDMScheduler().set_timesteps(**kwargs)

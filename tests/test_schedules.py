@@ -118,3 +118,15 @@ def test_bad_input_names_the_parameter(call, name):
 def test_single_step_grid():
     assert S.karras_sigmas(1).tolist() == [80.0, 0.0]
     assert math.isclose(S.ve_sigmas(1)[0].item(), 100.0)
+
+
+def test_karras_grid_ends_are_exact():
+    grid = S.karras_sigmas(18, 0.05, 50.0)
+    assert grid[0].item() == 50.0 and grid[-2].item() == 0.05  # inclusive S_tmin / S_tmax bounds rely on it
+
+
+def test_betas_out_of_range_are_rejected():
+    with pytest.raises(ValueError, match="beta_start / beta_end"):
+        S.betas_from_config(beta_end=1.5)
+    with pytest.raises(ValueError, match="trained_betas"):
+        S.betas_from_config(trained_betas=[])

@@ -111,6 +111,12 @@ class CountingModel:
         self.calls += 1
         return self.model(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """The model's own attributes (sigma_min, sigma_max, round_sigma, config, ...)."""
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
 
 @dataclass
 class RunOutput:

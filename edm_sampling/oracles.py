@@ -45,9 +45,11 @@ class GaussianOracle(Denoiser):
         return (mu + torch.sqrt((lam + sigma_b**2) / (lam + sigma_a**2)) * (x.double() - mu)).to(x.dtype)
 
     def sample_data(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """num_samples draws of the data distribution, float64."""
-        noise = torch.randn((num_samples, *self.mean.shape), generator=generator, dtype=torch.float64)
-        return self.mean + self.variance.sqrt() * noise
+        """num_samples draws of the data distribution, float64, on the oracle's device (drawn
+        on the CPU when `generator` is a CPU generator)."""
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn((num_samples, *self.mean.shape), generator=generator, dtype=torch.float64, device=device)
+        return self.mean + self.variance.sqrt() * noise.to(self.mean.device)
 
 
 class FiniteDataOracle(Denoiser):

@@ -6,7 +6,6 @@
 
 import torch
 
-import edm_sampling.schedulers  # noqa: F401  (diffusers loads the scheduler by its module path)
 from edm_sampling.pipelines import EDMPipeline
 from edm_sampling.training.config import TrainConfig
 from edm_sampling.training.trainer import train

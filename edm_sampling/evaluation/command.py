@@ -4,7 +4,6 @@ when a command runs, so `edm-sampling --help` stays fast)."""
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 BENCH_DESCRIPTION = """\

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

@@ -22,7 +22,8 @@ rho = 7 grid, with optional churn. The step math is the core's (`samplers`, `den
 - speed: each call's update is linear in the state and the network output, so `set_timesteps`
   reads its coefficients off the core's rules (denoised_from_output, ode_slope, euler_step,
   heun_step) applied to unit inputs, and `step` is two to four fused multiply-adds on tensors,
-  with every constant a Python float (no host-device sync, state in float32 or wider).
+  with every constant a Python float (no host-device sync, state in float32 or wider; the
+  one exception is the first call's timestep lookup when no begin index is set).
 """
 
 from __future__ import annotations

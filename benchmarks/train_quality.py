@@ -86,12 +86,9 @@ def sample_ddim(unet, scheduler_config, n: int, steps: int, seed: int, batch: in
 
 @torch.no_grad()
 def sample_heun(denoiser, shape, n: int, steps: int, seed: int, batch: int, device) -> torch.Tensor:
-    from edm_sampling.samplers import sample
-    from edm_sampling.schedules import karras_sigmas
+    from edm_sampling.samplers import denoiser_sigmas, sample
 
-    sigma_min = max(0.002, getattr(denoiser, "sigma_min", 0.0))
-    sigma_max = min(80.0, getattr(denoiser, "sigma_max", 80.0))
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max)
+    sigmas = denoiser_sigmas(denoiser, steps)
     out = []
     for start in range(0, n, batch):
         g = torch.Generator(device="cpu").manual_seed(seed + start)
@@ -124,7 +121,8 @@ def main() -> None:
     from edm_sampling.denoisers import DiscreteVPDenoiser
     from edm_sampling.training.config import TrainConfig
     from edm_sampling.training.data import load_builtin_digits
-    from edm_sampling.training.trainer import Trainer, save_image_grid
+    from edm_sampling.images import save_image_grid
+    from edm_sampling.training.trainer import Trainer
 
     data = load_builtin_digits(args.resolution)
     config = TrainConfig(output_dir=tempfile.mkdtemp(prefix="edm-quality-"), overwrite=True, steps=args.steps,
@@ -160,7 +158,7 @@ def main() -> None:
           f"epsilon (Heun-18) {result['fd_epsilon_heun18']:.3f}  ratio {result['ratio_edm_vs_best_epsilon']:.3f} (target <= 0.8)")
     if args.grid_dir:
         for name, images in (("edm", edm), ("epsilon_ddim", eps_ddim), ("epsilon_heun", eps_heun)):
-            save_image_grid(images[:64], os.path.join(args.grid_dir, f"quality_{name}.png"))
+            save_image_grid(images[:64], os.path.join(args.grid_dir, f"quality_{name}.png"), scale=4, pad_value=-1.0)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -84,8 +84,9 @@ class FiniteDataOracle(Denoiser):
         return tuple(self.points.shape[1:])
 
 
-def load_digits() -> torch.Tensor:
-    """scikit-learn's 8x8 digits (1797 images, values 0..16) as float64 [1797, 1, 8, 8] in [-1, 1].
+def load_digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits (1797 images, values 0..16) as float64 [1797, 1, 8, 8] in
+    [-1, 1], and their labels 0..9 (int64 [1797]).
 
     Needs the `data` extra (scikit-learn), which ships the dataset offline.
     """
@@ -93,8 +94,14 @@ def load_digits() -> torch.Tensor:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as error:  # pragma: no cover
         raise ImportError("the built-in digits need scikit-learn: pip install 'edm_sampling[data]'") from error
-    images = torch.as_tensor(sklearn_load_digits().images, dtype=torch.float64)
-    return (images / 8.0 - 1.0).unsqueeze(1)
+    bunch = sklearn_load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float64)
+    return (images / 8.0 - 1.0).unsqueeze(1), torch.as_tensor(bunch.target, dtype=torch.long)
+
+
+def load_digits() -> torch.Tensor:
+    """The built-in digits' images, float64 [1797, 1, 8, 8] in [-1, 1]."""
+    return load_digits_with_labels()[0]
 
 
 def builtin_gaussian(shape: tuple[int, ...] = DIGITS_SHAPE) -> GaussianOracle:

@@ -195,31 +195,3 @@ def _finite_positive(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return math.isfinite(value) and value > 0
-
-
-def save_grid(images, path: str | Path, max_images: int = 64, min_cell: int = 32) -> None:
-    """A square grid PNG of the first `max_images` images ([B, C, H, W] in [-1, 1]; C = 1 or 3).
-
-    Small images are enlarged by an integer factor (nearest neighbour) to at least `min_cell` pixels.
-    """
-    from PIL import Image
-
-    array = np.asarray(images.detach().cpu().float().numpy() if hasattr(images, "detach") else images, dtype=np.float32)
-    array = array[:max_images]
-    n, c, h, w = array.shape
-    if c not in (1, 3):
-        array = array[:, :3] if c > 3 else np.repeat(array[:, :1], 3, axis=1)
-        c = array.shape[1]
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    pixels = np.clip((array + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    pad = 1
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = pixels[i].transpose(1, 2, 0)
-    scale = max(1, int(math.ceil(min_cell / max(h, w))))
-    image = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)

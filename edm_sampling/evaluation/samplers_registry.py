@@ -184,8 +184,9 @@ def _start_of(scheduler, spec: SamplerSpec) -> tuple[float, float]:
     if sigmas is not None and len(sigmas) > 0:
         sigma = float(sigmas[0])
     else:
-        abar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])])
-        sigma = math.sqrt((1 - abar) / abar)
+        from ..schedules import alphas_cumprod_to_sigmas
+
+        sigma = float(alphas_cumprod_to_sigmas(scheduler.alphas_cumprod[int(scheduler.timesteps[0])]))
     if spec.state_space == "edm":
         return sigma, init
     return sigma, init * math.sqrt(sigma**2 + 1)

@@ -349,7 +349,8 @@ def _versions() -> dict:
 
 def write_outputs(config: SweepConfig, result: dict[str, Any]) -> Path:
     """results.csv, results.json, quality_vs_nfe.png and grids/<sampler>_nfe<N>.png in config.output."""
-    from .report import COLUMNS, plot_quality_vs_nfe, prepare_output_dir, save_grid, write_csv, write_json
+    from ..images import save_image_grid
+    from .report import COLUMNS, plot_quality_vs_nfe, prepare_output_dir, write_csv, write_json
 
     out = prepare_output_dir(config.output, config.overwrite)
     rows = result["rows"]
@@ -359,7 +360,7 @@ def write_outputs(config: SweepConfig, result: dict[str, Any]) -> Path:
     if config.grid_images:
         (out / "grids").mkdir(exist_ok=True)
         for (name, nfe), images in result["samples"].items():
-            save_grid(images[: config.grid_images], out / "grids" / f"{_safe(name)}_nfe{nfe}.png")
+            save_image_grid(images[: config.grid_images], out / "grids" / f"{_safe(name)}_nfe{nfe}.png")
     return out
 
 

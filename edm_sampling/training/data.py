@@ -98,13 +98,10 @@ def load_builtin_digits(resolution: int = 16) -> ImageDataset:
     """scikit-learn's 1797 8x8 digits, bilinearly upscaled to ``resolution``, in [-1, 1]."""
     if resolution < 8:
         raise ValueError(f"resolution must be >= 8, got {resolution}")
-    try:
-        from sklearn.datasets import load_digits as sk_load
-    except ImportError as error:  # pragma: no cover
-        raise ImportError("the built-in digits need scikit-learn: pip install 'edm_sampling[data]'") from error
-    bunch = sk_load()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+    from edm_sampling.oracles import load_digits_with_labels
+
+    images, labels = load_digits_with_labels()
+    images = images.float()
     if resolution != images.shape[-1]:
         images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
     images = images.clamp(-1.0, 1.0).contiguous()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,8 +326,7 @@ class Trainer:
     @torch.no_grad()
     def generate(self, num: int, seed: int = 0, use_ema: bool = True, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """``num`` samples in [-1, 1] with the EDM Heun sampler (zero augmentation vector)."""
-        from edm_sampling.samplers import sample
-        from edm_sampling.schedules import karras_sigmas
+        from edm_sampling.samplers import denoiser_sigmas, sample
 
         denoiser = self.ema if use_ema else self.unwrapped
         denoiser.eval()
@@ -339,34 +337,15 @@ class Trainer:
         if self.config.class_conditional:
             labels = class_labels if class_labels is not None else torch.arange(num) % self.dataset.num_classes
             kwargs["class_labels"] = labels.to(self.accelerator.device)
-        sigmas = karras_sigmas(self.config.sample_steps, max(0.002, denoiser.sigma_min), min(80.0, denoiser.sigma_max))
+        sigmas = denoiser_sigmas(denoiser, self.config.sample_steps)
         out = sample(denoiser, latents, sigmas, model_kwargs=kwargs)
         return out.sample.clamp(-1, 1).cpu()
 
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
+        from edm_sampling.images import save_image_grid
+
         images = self.generate(self.config.num_samples, seed=seed)
-        return save_image_grid(images, path)
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, upscale: int = 4) -> Path:
-    """Save images [N, C, H, W] in [-1, 1] as one PNG grid (nearest-neighbour upscaled)."""
-    import numpy as np
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = torch.full((c, rows * (h + 1) + 1, cols * (w + 1) + 1), -1.0)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = images[i]
-    array = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    array = np.repeat(np.repeat(array, upscale, axis=0), upscale, axis=1)
-    image = Image.fromarray(array[..., 0] if c == 1 else array)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+        return save_image_grid(images, path, max_images=None, scale=4, pad_value=-1.0)
 
 
 class _null_context:

@@ -71,19 +71,16 @@ def content_digest(tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mappin
     length-delimited, so no two different contents give the same byte stream."""
     digest = hashlib.sha256()
 
-    def field(text: str) -> None:
-        data = text.encode()
-        digest.update(len(data).to_bytes(8, "little") + data)
+    def fields(*texts: str) -> bytes:
+        return b"".join(len(data).to_bytes(8, "little") + data for data in (text.encode() for text in texts))
 
     for name, tensor in tensors:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        for text in ("tensor", name, str(tensor.dtype), str(tuple(tensor.shape)), str(data.nbytes)):
-            field(text)
+        digest.update(fields("tensor", name, str(tensor.dtype), str(tuple(tensor.shape)), str(data.nbytes)))
         digest.update(data)
     for key in sorted(metadata):
         if key != "sha256":
-            for text in ("meta", key, metadata[key]):
-                field(text)
+            digest.update(fields("meta", key, metadata[key]))
     return digest.hexdigest()
 
 

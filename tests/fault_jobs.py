@@ -93,7 +93,7 @@ def folder_swap(folder: str) -> None:
     def writer(tmp: Path) -> None:
         (tmp / "model.txt").write_text("new model\n")
 
-    with RunFolder(folder, "folder-swap", overwrite=True, outputs=("pipeline/",)):
+    with RunFolder(folder, "folder-swap", outputs=("pipeline/",)):
         atomic.os.replace = pausing
         atomic_write(Path(folder) / "pipeline", writer, folder=True)
 
@@ -108,7 +108,7 @@ def pause_after_replace(folder: str) -> None:
         time.sleep(60)
 
     RunFolder.after_replace = pause
-    with RunFolder(folder, "rewrite", overwrite=True, outputs=("results.json",)):
+    with RunFolder(folder, "rewrite", outputs=("results.json",)):
         atomic_write_text(Path(folder) / "results.json", '{"new": true}')
 
 

@@ -115,7 +115,7 @@ def test_second_job_on_a_folder_is_refused_naming_the_holder(tmp_path):
     try:
         wait_for(holder, "held")
         before = snapshot(folder)
-        for mode in ({}, {"resume": True}, {"overwrite": True}):
+        for mode in ({}, {"resume": True}):
             with pytest.raises(FolderLockedError) as info:
                 with RunFolder(folder, "second", **mode):
                     pass
@@ -178,7 +178,7 @@ def test_lock_from_another_host_is_not_taken_over(tmp_path):
     lock_path(folder).write_text(json.dumps(record))
     before, lock_before = snapshot(folder), lock_path(folder).read_bytes()
     with pytest.raises(FolderLockedError) as info:
-        with RunFolder(folder, "here", overwrite=True):
+        with RunFolder(folder, "here"):
             pass
     message = str(info.value)
     assert "pid 4242 on host another-host" in message and f"remove {lock_path(folder)}" in message
@@ -215,7 +215,7 @@ def test_overwrite_keeps_user_files_and_old_results_until_replaced(tmp_path):
     (out / "notes.txt").write_text("my notes")
     (out / "grids" / "mine.png").write_bytes(b"my picture")
     before = snapshot(out)
-    with RunFolder(out, "second", overwrite=True, outputs=("results.csv", "grids/a.png")) as run:
+    with RunFolder(out, "second", outputs=("results.csv", "grids/a.png")) as run:
         assert snapshot(out) == before  # nothing is deleted at the start
         assert run.foreign_files() == ["grids/mine.png", "notes.txt"]
         atomic_write_text(out / "results.csv", "new results\n")
@@ -240,14 +240,14 @@ def test_overwrite_refuses_to_replace_files_the_package_did_not_write(tmp_path):
     (out / "pipeline" / "README.md").write_text("my notes on this model")  # inside a folder replaced whole
     before = snapshot(out)
     with pytest.raises(FolderContentsError, match=r"pipeline/README\.md would be replaced, but edm_sampling did not write it"):
-        with RunFolder(out, "second", overwrite=True, outputs=outputs):
+        with RunFolder(out, "second", outputs=outputs):
             pass
     assert snapshot(out) == before
     (out / "pipeline" / "README.md").unlink()
 
     (out / "results.csv").write_text("results v1, corrected by hand")  # a result the user edited
     before = snapshot(out)
-    for mode in ({"overwrite": True}, {"resume": True}):
+    for mode in ({}, {"resume": True}):
         with pytest.raises(FolderContentsError, match=r"results\.csv would be replaced.*changed since"):
             with RunFolder(out, "second", outputs=outputs, **mode):
                 pass
@@ -255,7 +255,7 @@ def test_overwrite_refuses_to_replace_files_the_package_did_not_write(tmp_path):
 
     (out / "summary.json").write_text('{"mine": 1}')  # an output nobody declared: the write itself refuses
     before = snapshot(out)
-    with RunFolder(out, "third", overwrite=True, outputs=("pipeline/",)):
+    with RunFolder(out, "third", outputs=("pipeline/",)):
         with pytest.raises(FolderContentsError, match=r"summary\.json"):
             atomic_write_text(out / "summary.json", "{}")
     assert snapshot(out) == before and not leftovers(out)
@@ -264,7 +264,7 @@ def test_overwrite_refuses_to_replace_files_the_package_did_not_write(tmp_path):
     legacy.mkdir()
     (legacy / "results.csv").write_text("old")
     with pytest.raises(FolderContentsError, match="results.csv"):
-        with RunFolder(legacy, "fourth", overwrite=True, outputs=("results.csv",)):
+        with RunFolder(legacy, "fourth", outputs=("results.csv",)):
             pass
     assert (legacy / "results.csv").read_text() == "old"
 
@@ -310,7 +310,7 @@ def test_kill_after_replace_before_manifest_update_keeps_the_file_recognised(tmp
     wait_for(job, "replaced")
     kill(job)
     assert (out / "results.json").read_text() == '{"new": true}'
-    with RunFolder(out, "next", overwrite=True, outputs=("results.json",)) as run:
+    with RunFolder(out, "next", outputs=("results.json",)) as run:
         assert run.owned("results.json")
 
 

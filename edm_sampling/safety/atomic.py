@@ -161,6 +161,9 @@ def atomic_write(
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
+    except WriteFailedError:  # the manifest's own write, already explained
+        remove_path(tmp)
+        raise
     except OSError as error:
         remove_path(tmp)
         outcome = "the previous one is unchanged" if existed else "nothing was written"

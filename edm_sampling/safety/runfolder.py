@@ -1,9 +1,13 @@
 """A job's hold on its output folder: lock, clean-up, a manifest of what the package wrote,
 and the rules of ``--overwrite`` / ``--resume``.
 
-    with RunFolder(out, "edm-sampling train ...", overwrite=True, outputs=("checkpoint.safetensors", "pipeline/")) as run:
+    with RunFolder(out, "edm-sampling train ...", outputs=("checkpoint.safetensors", "pipeline/")) as run:
         ...                # every atomic_write below `out` is recorded in the manifest
         run.commit()       # the job is done: files of earlier runs that it did not rewrite go
+
+A fresh run and ``--overwrite`` open it alike (whether a non-empty folder may be reused is the
+command's check, made with the lock held); ``resume=True`` continues the run recorded in the
+manifest, so `commit` keeps what the earlier jobs of that run wrote.
 
 On entering, under the folder's `FolderLock`, the temporaries of interrupted writes are
 removed (`clean_temp_files`) and the declared ``outputs`` (files, or folders replaced as a
@@ -108,13 +112,12 @@ class RunFolder:
         path: str | os.PathLike,
         command: str | None = None,
         *,
-        overwrite: bool = False,
         resume: bool = False,
         outputs: Iterable[str] = (),
     ):
         self.path = Path(path)
         self.root = self.path.resolve()
-        self.overwrite, self.resume = overwrite, resume
+        self.resume = resume
         self.outputs = tuple(outputs)
         self.lock = FolderLock(self.path, command)
         self.cleaned: list[str] = []

@@ -1,4 +1,8 @@
-"""Writing image batches as one PNG grid (sample grids of the benchmark and the trainer)."""
+"""Writing image batches as one PNG grid (sample grids of the benchmark and the trainer).
+
+The file is written atomically (`edm_sampling.safety.atomic_write`): an interrupted or failed
+write leaves the previous grid as it was.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edm_sampling.safety import atomic_write
 
 
 def save_image_grid(
@@ -41,7 +47,7 @@ def save_image_grid(
     pixels = np.clip((grid + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     scale = scale or max(1, int(math.ceil(min_cell / max(h, w))))
     pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+    image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(path)
-    return path
+    file_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=file_format))

@@ -544,7 +544,7 @@ def _own_family(config: Mapping[str, Any]) -> Family:
     name = LEGACY_FAMILY_NAMES.get(config.get("model_family", "discrete_vp"), config.get("model_family", "discrete_vp"))
     if name not in MODEL_FAMILIES:
         raise ValueError(f"model_family must be one of {MODEL_FAMILIES}, got {config.get('model_family')!r}")
-    prediction_type = config.get("prediction_type", "epsilon")
+    prediction_type = config.get("prediction_type", FLOW_PREDICTION_TYPE if name == "flow" else "epsilon")
     if name == "discrete_vp":
         return _discrete_vp(config, EDM_SCHEDULER)
     if name == "continuous_vp":

@@ -490,7 +490,6 @@ VP_SOURCES = (
     "LCMScheduler",
 )
 _VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-_FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "time_shift_type")
 # EDMScheduler's config keys: an in-memory config (no _class_name) holding only these is its own
 EDM_SCHEDULER_KEYS = (
     "solver", "sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise", "model_family",
@@ -518,9 +517,12 @@ def _public(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_own_config(config: Mapping[str, Any]) -> bool:
-    """True for an EDMScheduler config: named so, or carrying its `model_family` key (a config
-    that went through another scheduler and back keeps it as a hidden key)."""
-    return config.get("_class_name") == EDM_SCHEDULER or "model_family" in config
+    """True for an EDMScheduler config: named so, carrying its `model_family` key (a config that
+    went through another scheduler and back keeps it as a hidden key), or, in memory (no
+    _class_name), holding only its keys."""
+    if config.get("_class_name") == EDM_SCHEDULER or "model_family" in config:
+        return True
+    return config.get("_class_name") is None and set(_public(config)) <= set(EDM_SCHEDULER_KEYS)
 
 
 def _discrete_vp(config: Mapping[str, Any], source: str) -> DiscreteVP:
@@ -555,9 +557,13 @@ def _own_family(config: Mapping[str, Any]) -> Family:
     if name == "edm":
         return EDM(config.get("sigma_data", 0.5), prediction_type=prediction_type)
     check_prediction_type(prediction_type, (FLOW_PREDICTION_TYPE,))
+    return _flow_family(config, "shift")
+
+
+def _flow_family(config: Mapping[str, Any], shift_key: str) -> FlowMatching:
     return FlowMatching(
-        num_train_timesteps=config.get("num_train_timesteps", 1000),
-        shift=float(config.get("shift", 1.0)),
+        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        shift=float(config.get(shift_key, 1.0)),
         use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
         time_shift_type=config.get("time_shift_type", "exponential"),
     )
@@ -577,12 +583,7 @@ def _read_flow(config: Mapping[str, Any], source: str) -> SchedulerConfigReading
     if prediction_type != FLOW_PREDICTION_TYPE:
         raise _unmappable("prediction_type", prediction_type, source, "use_flow_sigmas models predict a velocity")
     shift_key = "flow_shift" if "use_flow_sigmas" in public else "shift"
-    family = FlowMatching(
-        num_train_timesteps=int(public.get("num_train_timesteps", 1000)),
-        shift=float(public.get(shift_key, 1.0)),
-        use_dynamic_shifting=bool(public.get("use_dynamic_shifting", False)),
-        time_shift_type=public.get("time_shift_type", "exponential"),
-    )
+    family = _flow_family(public, shift_key)
     used = {"num_train_timesteps", shift_key, "use_dynamic_shifting", "time_shift_type", "prediction_type",
             "use_flow_sigmas", "invert_sigmas", "shift_terminal", *FLOW_PIPELINE_KEYS}
     return SchedulerConfigReading(family, family.scheduler_config(), source, frozenset(used & set(public)))
@@ -602,7 +603,7 @@ def read_scheduler_config(config: Mapping[str, Any]) -> SchedulerConfigReading:
     """
     public = _public(config)
     source = config.get("_class_name") or "the given scheduler"
-    if is_own_config(config) or (config.get("_class_name") is None and set(public) <= set(EDM_SCHEDULER_KEYS)):
+    if is_own_config(config):
         family = _own_family(config)
         return SchedulerConfigReading(family, dict(public), EDM_SCHEDULER, frozenset(public))
     if source in VE_SOURCES or {"snr", "sampling_eps"} <= set(public):

@@ -2,18 +2,23 @@
 
     pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)
 
-turns any diffusers pipeline of a DDPM-family model into an EDM Heun (or Euler) sampler on the
-rho = 7 grid, with optional churn. The step math is the core's (`samplers`, `denoisers`,
-`schedules`); this module only maps the pipeline protocol onto it:
+turns any diffusers pipeline into an EDM Heun (or Euler) sampler with optional churn, for every
+model family: DDPM-family (discrete VP), continuous VP, VE, EDM-trained and flow-matching (SD3,
+Flux) models. Which family a config describes, and every formula of it, is the family object's
+(`families`); the step math is the core's (`samplers`, `schedules`); this module only maps the
+pipeline protocol onto them:
 
 - the ODE is solved in sigma space (sigma(t) = t, s(t) = 1) on x_edm;
-- the state handed back to the pipeline is in the model's own input scale, c_in(sigma) x_edm:
-  for VP models x_vp = x_edm / sqrt(sigma^2 + 1), for EDM models x_edm / sqrt(sigma^2 +
-  sigma_data^2), for VE (c_in = 1) x_edm itself. So `scale_model_input` is the identity, and
-  VP and EDM models start from noise of std ~1 and work in DDPMPipeline / DDIMPipeline, which
-  never scale; after the last call the state is the sample itself, in data space;
-- `timesteps` are what the network receives at each model call (VP: the fractional or nearest
-  train timestep of the noise level; VE fourier UNet: sigma itself; EDM: ln(sigma)/4);
+- the state handed back to the pipeline is in the model's own input scale, s(sigma) x_edm =
+  c_in(sigma) x_edm: VP x_edm / sqrt(sigma^2 + 1), EDM x_edm / sqrt(sigma^2 + sigma_data^2),
+  flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity,
+  and VP, EDM and flow models start from noise of std ~1 and work in pipelines that never
+  scale (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
+- `timesteps` are what the network receives at each model call (`family.net_time`: discrete VP
+  the fractional or nearest train timestep, VE fourier UNet sigma, EDM ln(sigma)/4, flow t * M);
+- the grid: EDM's rho grid on sigma_min .. sigma_max clamped to the model's range; flow models
+  use their own shifted time-uniform grid (measured better there, benchmarks/flow_grids.py);
+  flow times a pipeline passes are shifted as diffusers' flow schedulers shift them;
 - Heun: one `step` after every model call, 2N - 1 calls for N steps, counted by a step index
   (timesteps may repeat); the last step, to sigma = 0, is Euler;
 - churn: gamma_i is known at `set_timesteps`, the model is called at sigma_hat_i, the churn

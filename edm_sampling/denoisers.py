@@ -140,19 +140,23 @@ class PreconditionedDenoiser(Denoiser):
     def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.family.net_time(sigma)
 
+    def net_output(self, output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """F from the network's raw output (the family's convention)."""
+        return self.family.net_output(output, sigma)
+
     def forward(self, x: torch.Tensor, sigma: Any, **model_kwargs: Any) -> torch.Tensor:
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         sigma = sigma_column(sigma, x, compute_dtype)
-        coefficients = self.family.coefficients(sigma)
+        coefficients = self.coefficients(sigma)
         net_dtype = module_dtype(self.net, compute_dtype)
         net_input = (coefficients.c_in * x.to(compute_dtype)).to(net_dtype)
-        timestep = self.family.net_time(sigma.reshape(-1))
+        timestep = self.net_timestep(sigma.reshape(-1))
         if net_dtype in (torch.float16, torch.bfloat16):
             timestep = timestep.float()
         else:
             timestep = timestep.to(net_dtype)
         output = mean_output(network_output(self.net(net_input, timestep, **model_kwargs)), x).to(compute_dtype)
-        denoised = denoised_from_output(x.to(compute_dtype), self.family.net_output(output, sigma), coefficients)
+        denoised = denoised_from_output(x.to(compute_dtype), self.net_output(output, sigma), coefficients)
         return denoised.to(x.dtype)
 
 

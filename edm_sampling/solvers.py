@@ -315,7 +315,7 @@ def _lagrange_integrals(nodes: Sequence[float], a: float, b: float, tau: Callabl
     return integrals
 
 
-def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 4, afs: bool = False) -> SolverPlan:
+def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False) -> SolverPlan:
     """iPNDM: x_{i+1} = x_i + h_i sum_k w_k d_{i-k} with the fixed AB weights of order
     min(order, i + 1) (warm start, no order drop at the end); h_i = sigma_{i+1} - sigma_i.
     Exact AB only on equal steps, so formally first order on other grids."""
@@ -546,9 +546,9 @@ class SolverInfo:
 
     plan: Callable[..., SolverPlan]
     description: str
-    calls_per_step: int = 1
-    schedule: str = "logsnr"
+    schedule: str
     schedule_options: dict[str, Any] = field(default_factory=dict)
+    calls_per_step: int = 1
     churn: bool = False
     afs: bool = True
     orders: tuple[int, int] | None = None
@@ -563,19 +563,28 @@ class SolverInfo:
 
 
 SOLVERS: dict[str, SolverInfo] = {
-    "heun": SolverInfo(heun_plan, "EDM Heun (Algorithm 1, alpha-generalized; Algorithm 2 with churn)", 2,
-                       "karras", {"rho": EDM_RHO}, churn=True, afs=False),
-    "euler": SolverInfo(euler_plan, "Euler = DDIM = DPM-Solver-1 in EDM space; churn allowed", 1,
-                        "karras", {"rho": EDM_RHO}, churn=True),
-    "ipndm": SolverInfo(ipndm_plan, "iPNDM: fixed-weight Adams-Bashforth on d = (x - D)/sigma, orders 1..4",
-                        orders=(1, 4)),
-    "ipndm_v": SolverInfo(ipndm_v_plan, "iPNDM with variable-step Adams-Bashforth weights, orders 1..4",
-                          orders=(1, 4)),
-    "dpmpp_2m": SolverInfo(dpmpp_2m_plan, "DPM-Solver++(2M), data prediction"),
-    "dpmpp_3m": SolverInfo(dpmpp_3m_plan, "DPM-Solver++(3M), data prediction"),
-    "unipc": SolverInfo(unipc_plan, "UniPC bh2: UniP predictor of order 1..3 + UniC corrector (no extra NFE)",
-                        orders=(1, 3)),
-    "deis": SolverInfo(deis_plan, "tAB-DEIS: Adams-Bashforth in the VP time t, orders 1..4", orders=(1, 4)),
+    # Default grids, one rule per family (benchmarks/low_nfe_core.py: geometric mean of the error
+    # ratio to the best configuration over a Gaussian and two Gaussian mixtures at NFE 5..63):
+    # - heun keeps the paper's rho = 7 grid (EDM's sampler as published; time_quadratic measured better);
+    # - the data-prediction exponential integrators (dpmpp_*, unipc) step in lambda = -log sigma:
+    #   equal steps in lambda (logsnr) measured best for each, on every oracle;
+    # - fixed-weight iPNDM assumes equal steps: logsnr (best with afs, and in the issue's study);
+    # - the variable-step AB solvers (ipndm_v, deis) and Euler: time_quadratic (DEIS's and DDIM's
+    #   quadratic-in-t grid), best for each on average.
+    "heun": SolverInfo(heun_plan, "EDM Heun (Algorithm 1, alpha-generalized; Algorithm 2 with churn)",
+                       "karras", {"rho": EDM_RHO}, calls_per_step=2, churn=True, afs=False),
+    "euler": SolverInfo(euler_plan, "Euler = DDIM = DPM-Solver-1 in EDM space; churn allowed",
+                        "time_quadratic", churn=True),
+    "ipndm": SolverInfo(ipndm_plan, "iPNDM: fixed-weight Adams-Bashforth on d = (x - D)/sigma, orders 1..4 (default 3)",
+                        "logsnr", orders=(1, 4)),
+    "ipndm_v": SolverInfo(ipndm_v_plan, "iPNDM with variable-step Adams-Bashforth weights, orders 1..4 (default 4)",
+                          "time_quadratic", orders=(1, 4)),
+    "dpmpp_2m": SolverInfo(dpmpp_2m_plan, "DPM-Solver++(2M), data prediction", "logsnr"),
+    "dpmpp_3m": SolverInfo(dpmpp_3m_plan, "DPM-Solver++(3M), data prediction, third order", "logsnr"),
+    "unipc": SolverInfo(unipc_plan, "UniPC bh2: UniP of order 1..3 (default 2) + UniC reusing the next call",
+                        "logsnr", orders=(1, 3)),
+    "deis": SolverInfo(deis_plan, "tAB-DEIS: Adams-Bashforth in the VP time t, orders 1..4 (default 3)",
+                       "time_quadratic", orders=(1, 4)),
 }
 
 

@@ -24,6 +24,7 @@ from .schedules import (
     EDM_SIGMA_MIN,
     SCALINGS,
     SIGMA_SCHEDULES,
+    VP_EPSILON_S,
     Scaling,
     SigmaSchedule,
     check_num_steps,
@@ -34,7 +35,6 @@ from .schedules import (
     sigma_grid,
     vp_betas_for_range,
     vp_schedule,
-    VP_EPSILON_S,
 )
 from .solvers import (
     MAX_GAMMA,

@@ -162,11 +162,24 @@ def _evaluate(
     return denoised
 
 
-def _combine(update: Combination, states: deque, denoised: deque) -> torch.Tensor:
-    """sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j] as one multiply and fused in-place
-    adds (D None, the analytical first step's zero estimate, adds nothing)."""
-    terms = [(c, states[-1 - k]) for k, c in enumerate(update.states) if c != 0.0]
-    terms += [(c, denoised[-1 - j]) for j, c in enumerate(update.denoised) if c != 0.0 and denoised[-1 - j] is not None]
+def combine_update(
+    update: Combination,
+    states: deque,
+    denoised: deque,
+    state_scales: Sequence[float] | None = None,
+    out_scale: float = 1.0,
+) -> torch.Tensor:
+    """out_scale (sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j]) as one multiply and fused
+    in-place adds (D None, the analytical first step's zero estimate, adds nothing).
+
+    States may be stored scaled, X[-1-k] = states[-1-k] / state_scales[-1-k] (the scheduler keeps
+    them in the pipeline's scale); every scale is folded into the Python-float coefficients."""
+    terms = [
+        (out_scale * c / (state_scales[-1 - k] if state_scales is not None else 1.0), states[-1 - k])
+        for k, c in enumerate(update.states)
+        if c != 0.0
+    ]
+    terms += [(out_scale * c, denoised[-1 - j]) for j, c in enumerate(update.denoised) if c != 0.0 and denoised[-1 - j] is not None]
     if not terms:
         return torch.zeros_like(states[-1])
     result = torch.mul(terms[0][1], terms[0][0])
@@ -212,7 +225,7 @@ def execute_plan(
             first_denoised = denoised[-1]
         clean = states[-1]
         for update in step.updates:
-            clean = _combine(update, states, denoised)
+            clean = combine_update(update, states, denoised)
             new = clean
             if update.noise_std > 0:
                 new = clean + update.noise_std * randn(clean.shape, generator, clean.device, dtype)

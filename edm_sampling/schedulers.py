@@ -1,34 +1,38 @@
-"""EDM sampling (Karras et al. 2022, Algorithms 1 and 2) as a drop-in diffusers scheduler.
+"""EDM sampling and the low-NFE solvers as a drop-in diffusers scheduler.
 
-    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)                     # EDM Heun
+    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config, solver="unipc")     # N calls
 
-turns any diffusers pipeline into an EDM Heun (or Euler) sampler with optional churn, for every
-model family: DDPM-family (discrete VP), continuous VP, VE, EDM-trained and flow-matching (SD3,
-Flux) models. Which family a config describes, and every formula of it, is the family object's
-(`families`); the step math is the core's (`samplers`, `schedules`); this module only maps the
-pipeline protocol onto them:
+turns any diffusers pipeline into any of the core's solvers (`solvers.SOLVERS`: EDM's Heun and
+Euler with churn, iPNDM, DPM-Solver++ 2M / 3M, UniPC, DEIS, with the analytical first step) on
+any of the core's grids (`schedules.SCHEDULES`), for every model family: DDPM-family (discrete
+VP), continuous VP, VE, EDM-trained and flow-matching (SD3, Flux) models. Which family a config
+describes, and every formula of it, is the family object's (`families`); every update rule is
+the solver plan's (`solvers`), the one the core loop `samplers.execute_plan` runs too. This
+module only maps the pipeline protocol onto them:
 
-- the ODE is solved in sigma space (sigma(t) = t, s(t) = 1) on x_edm;
+- the ODE is solved in sigma space (sigma(t) = t, s(t) = 1) on x_edm, with the plan's history
+  of states X and denoiser outputs D kept in float32 or wider;
 - the state handed back to the pipeline is in the model's own input scale, s(sigma) x_edm =
   c_in(sigma) x_edm: VP x_edm / sqrt(sigma^2 + 1), EDM x_edm / sqrt(sigma^2 + sigma_data^2),
-  flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity,
-  and VP, EDM and flow models start from noise of std ~1 and work in pipelines that never
-  scale (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
-- `timesteps` are what the network receives at each model call (`family.net_time`: discrete VP
-  the fractional or nearest train timestep, VE fourier UNet sigma, EDM ln(sigma)/4, flow t * M);
-- the grid: EDM's rho grid on sigma_min .. sigma_max clamped to the model's range; flow models
-  use their own shifted time-uniform grid (measured better there, benchmarks/flow_grids.py);
-  flow times a pipeline passes are shifted as diffusers' flow schedulers shift them;
-- Heun: one `step` after every model call, 2N - 1 calls for N steps, counted by a step index
-  (timesteps may repeat); the last step, to sigma = 0, is Euler;
-- churn: gamma_i is known at `set_timesteps`, the model is called at sigma_hat_i, the churn
-  noise of step i + 1 is added at the end of step i, and step 0's churn is folded into the
-  start noise (`init_noise_sigma`);
-- speed: each call's update is linear in the state and the network output, so `set_timesteps`
-  reads its coefficients off the core's rules (denoised_from_output, ode_slope, euler_step,
-  heun_step) applied to unit inputs, and `step` is two to four fused multiply-adds on tensors,
-  with every constant a Python float (no host-device sync, state in float32 or wider; the
-  one exception is the first call's timestep lookup when no begin index is set).
+  flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity, and
+  VP, EDM and flow models start from noise of std ~1 and work in pipelines that never scale
+  (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
+- one `step` per model call: the plan's Step of that call (D from the network output, then
+  its updates); `timesteps` are what the network receives at each call (`family.net_time`),
+  and `order` is the calls per grid step (2 for Heun, whose timesteps may repeat; a call index,
+  not a timestep lookup, tracks progress). `num_inference_steps = N` is N grid steps for Heun
+  (2N - 1 calls) and exactly N model calls for every other solver (with afs the grid has N + 1
+  steps, the first one free);
+- churn (Heun, Euler): gamma_i is known at `set_timesteps`, the model is called at sigma_hat_i,
+  the churn noise of step i + 1 is added at the end of step i, and step 0's churn is folded into
+  the start noise (`init_noise_sigma`);
+- img2img (`set_begin_index`, or a pipeline that starts at a later timestep): the plan of the
+  remaining grid is built afresh, with a fresh history;
+- speed: every coefficient is a Python float computed at `set_timesteps`, so `step` is a few
+  fused multiply-adds with no host-device sync (the one exception is the first call's timestep
+  lookup when no begin index is set). Non-finite model outputs are tracked with a device flag
+  and reported once, after the last call (one sync per generation).
 """
 
 from __future__ import annotations
@@ -38,15 +42,16 @@ import inspect
 import math
 import sys
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils import is_torchsde_available
 
-from .denoisers import denoised_from_output, mean_output
+from .denoisers import mean_output
 from .families import (
     EDM_SCHEDULER,
     EDM_SOURCES,
@@ -58,7 +63,6 @@ from .families import (
     TIMESTEP_MAPPINGS,
     VE_SOURCES,
     VP_SOURCES,
-    Coefficients,
     DiscreteVP,
     Family,
     FlowMatching,
@@ -67,22 +71,28 @@ from .families import (
     flow_time,
     read_scheduler_config,
 )
-from .samplers import (
-    SOLVERS,
-    check_churn,
+from .samplers import check_generator, churned_grid, combine_update, randn
+from .schedules import (
+    SCHEDULES,
+    check_num_steps,
     check_sigmas,
     check_sigmas_in_range,
-    churn_noise_std,
-    churned_grid,
-    euler_step,
-    heun_step,
-    initial_noise_std,
-    ode_slope,
-    randn,
+    clamp_sigma_range,
+    read_schedule_file,
+    sigma_grid,
 )
-from .schedules import check_num_steps, clamp_sigma_range, karras_sigmas
+from .solvers import (
+    SOLVERS,
+    Combination,
+    SolverPlan,
+    Step,
+    check_churn,
+    initial_noise_std,
+    linear_coefficients,
+    make_plan,
+    solver_info,
+)
 
-_PREDICTOR, _CORRECTOR, _EULER = 0, 1, 2
 _STATE_DTYPES = (torch.float32, torch.float64)
 # config keys that describe the model: always stored explicitly, so that another scheduler made
 # from this config (`X.from_config(edm.config)`) sees the model's values, not its own defaults
@@ -92,45 +102,36 @@ _MODEL_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", 
 
 @dataclass(frozen=True)
 class _Call:
-    """Everything one `step` needs, as Python floats (no host-device sync in `step`).
+    """One model call of a plan, as Python floats (no host-device sync in `step`).
 
-    The update of one call is linear in its tensors: x (the pipeline's state) and F (the
-    network's output), plus for Heun's corrector the predictor's share of the result. The
-    coefficients are found once, in `set_timesteps`, by running the core's step rules on unit
-    inputs (`_linear_coefficients`); `step` applies them as fused multiply-adds.
-    """
+    The pipeline's state at this call is x_edm * state_scale; the network output F gives
+    D = denoised[0] x_edm + denoised[1] F (the family's c_skip and c_out, with its output
+    convention). `step` is the plan's Step of this call; `start_std` is the std of pure noise at
+    this call in x_edm units, churn folded in (where img2img starts)."""
 
-    kind: int  # _PREDICTOR (Heun's first call), _CORRECTOR (its second) or _EULER
-    step: int  # i, the sampler step this call belongs to
-    sigma: float  # noise level the model is called at (sigma_hat_i, or sigma_{i+1} for the corrector)
-    level: float  # the grid level before churn (sigma_i for first calls, sigma_{i+1} for correctors)
-    sigma_from: float  # sigma_hat_i, the start of step i
-    sigma_next: float  # sigma_{i+1}, the end of step i
-    coefficients: Coefficients  # c_skip, c_out, c_in at `sigma`
-    state_scale: float  # the pipeline's state at this call is x_edm * state_scale
-    churn_std: float  # std (in x_edm units) of the churn noise added after this call; 0: none
-    denoised: tuple[float, ...] = ()  # D = a x + b F
-    update: tuple[float, ...] = ()  # predictor / Euler: next state = a x + b F; corrector: += a x + b F
-    partial: tuple[float, ...] = ()  # predictor: its share of the corrector's result, a x + b F
-    noise_scale: float = 0.0  # churn_std in the next call's state scale
+    index: int  # the call's position in the plan's calls
+    step: Step
+    sigma: float
+    state_scale: float
+    denoised: tuple[float, float]
+    start_std: float
 
 
-def _linear_coefficients(fn: Callable[..., float], num_inputs: int) -> tuple[float, ...]:
-    """Coefficients of a linear map of `num_inputs` scalars, read off unit inputs."""
-    return tuple(float(fn(*[1.0 if j == k else 0.0 for j in range(num_inputs)])) for k in range(num_inputs))
-
-
-def _combine(coefficients: Sequence[float], tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """sum_k coefficients[k] tensors[k] in `dtype`, as one multiply then fused in-place adds."""
-    result = None
-    for coefficient, tensor in zip(coefficients, tensors):
-        if coefficient == 0.0:
-            continue
-        if result is None:
-            result = torch.mul(tensor, coefficient) if tensor.dtype == dtype else tensor.to(dtype).mul_(coefficient)
-        else:
-            result.add_(tensor, alpha=coefficient)
-    return result if result is not None else torch.zeros_like(tensors[0], dtype=dtype)
+def _prefix_scales(plan: SolverPlan) -> tuple[list[float], int]:
+    """The states before the plan's first model call as multiples of the start noise z
+    (X[0] = init_std z; a step without a call, the analytical first step, adds D = 0): its
+    coefficients c_j with X[j] = c_j z, and the number of such steps."""
+    states: deque = deque([plan.init_std])
+    count = 0
+    for step in plan.steps:
+        if step.sigma is not None:
+            break
+        count += 1
+        for update in step.updates:
+            if update.noise_std:
+                raise ValueError("a step without a model call cannot add churn noise")
+            states.append(sum(c * states[-1 - k] for k, c in enumerate(update.states)))
+    return list(states), count
 
 
 def _as_grid(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -175,14 +176,24 @@ def _differs(value: Any, default: Any) -> bool:
 
 
 class EDMScheduler(SchedulerMixin, ConfigMixin):
-    """The EDM sampler (Heun or Euler, optional churn) for every model family.
+    """Every solver of the core (EDM's Heun by default) for every model family, in any pipeline.
 
     Args:
-        solver: "heun" (2N - 1 model calls, `order` = 2) or "euler" (N calls).
-        sigma_min, sigma_max, rho: the sampling grid (EDM eq. 5), clamped to the model's range
-            (discrete VP: the noise levels of its alphas_cumprod). Flow models sample on their
-            own shifted time-uniform grid, clamped to sigma_min .. sigma_max (rho unused).
-        s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's churn; s_tmax None means infinity.
+        solver: one of `solvers.SOLVERS`: "heun" (EDM's sampler, the default: N steps cost
+            2N - 1 model calls, `order` = 2), "euler", "ipndm", "ipndm_v", "dpmpp_2m",
+            "dpmpp_3m", "unipc", "deis" (N model calls for num_inference_steps = N).
+        solver_order: the order of ipndm / ipndm_v / unipc / deis (None: the solver's default).
+        afs: the analytical first step (every solver but heun): the first model call is replaced
+            by the data-mean estimate D = 0, so N calls cover a grid of N + 1 steps.
+        schedule: the grid, one of `schedules.SCHEDULES` ("karras", "logsnr", "time_uniform",
+            "time_quadratic", "vp", "ve", "iddpm", "ays", "gits"); None: the solver's own
+            default (heun: karras with `rho`; flow models: their own shifted time-uniform grid).
+        schedule_file: a JSON grid file written by `edm-sampling tune --schedule` (instead of
+            `schedule`); it must hold a grid of the step count asked for.
+        sigma_min, sigma_max, rho: the grid's range, clamped to the model's (discrete VP: the
+            noise levels of its alphas_cumprod), and the karras grid's rho.
+        s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's churn (heun and euler only); s_tmax
+            None means infinity.
         model_family: "discrete_vp" (DDPM-family nets on discrete timesteps; "vp" is read as
             this), "continuous_vp" (Song et al.'s VP, timestep (M - 1) t), "ve" (NCSN++ fourier
             UNet2DModel: timestep = sigma, output a score), "edm" (EDM-preconditioned net,
@@ -227,9 +238,12 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
+        solver_order: int | None = None,
+        afs: bool = False,
+        schedule: str | None = None,
+        schedule_file: str | None = None,
     ):
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        info = solver_info(solver)
         model_family = LEGACY_FAMILY_NAMES.get(model_family, model_family)
         if model_family not in MODEL_FAMILIES:
             raise ValueError(f"model_family must be one of {MODEL_FAMILIES}, got {self.config.model_family!r}")
@@ -237,11 +251,27 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_mapping must be one of {TIMESTEP_MAPPINGS}, got {timestep_mapping!r}")
         if time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
-        if not (math.isfinite(rho) and rho > 0):
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
+        if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
         check_churn(s_churn, s_tmin, self._s_tmax, s_noise)
+        if s_churn > 0 and not info.churn:
+            raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVERS.items() if i.churn]} only; "
+                             f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
+        if solver_order is not None and (info.orders is None or isinstance(solver_order, bool)
+                                         or not isinstance(solver_order, int)
+                                         or not info.orders[0] <= solver_order <= info.orders[1]):
+            allowed = "none (it has no order option)" if info.orders is None else f"an integer in {list(info.orders)}"
+            raise ValueError(f"solver_order for solver {solver!r} must be {allowed} or None, got {solver_order!r}")
+        if not isinstance(afs, bool) or (afs and not info.afs):
+            raise ValueError(f"afs must be True or False, and True only for the solvers "
+                             f"{[n for n, i in SOLVERS.items() if i.afs]}; got afs={afs!r} with solver {solver!r}")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or None (the solver's default), got {schedule!r}")
+        if schedule is not None and schedule_file is not None:
+            raise ValueError("give schedule or schedule_file, not both")
+        self._schedule_file = read_schedule_file(schedule_file) if schedule_file is not None else None
         self._normalize_config(model_family)
 
         self._family = family_from_scheduler_config(self.config)
@@ -255,6 +285,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
+        self.sigma_hats: list[float] = []
+        self._grid: torch.Tensor | None = None
+        self._plan: SolverPlan | None = None
         self._calls: list[_Call] = []
         hi = self.sigma_range[1]
         self._init_noise_sigma = float(self._family.input_scale(torch.tensor(hi, dtype=torch.float64))) * hi
@@ -313,11 +346,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def order(self) -> int:
-        return 2 if self.config.solver == "heun" else 1
+        """Model calls per grid step: 2 for Heun, 1 for every other solver."""
+        return solver_info(self.config.solver).calls_per_step
 
     @property
     def init_noise_sigma(self) -> float:
-        """Std of the pipeline's start noise: initial_noise_std(sigma_0, sigma_hat_0) in the state's scale."""
+        """Std of the pipeline's start noise, in the state's scale: the plan's start noise
+        (churn folded in) carried through any steps before the first model call (afs)."""
         return self._init_noise_sigma
 
     @property
@@ -334,13 +369,18 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         return self._family
 
     @property
+    def plan(self) -> SolverPlan | None:
+        """The solver plan `set_timesteps` built (None before)."""
+        return self._plan
+
+    @property
     def _s_tmax(self) -> float:
         return math.inf if self.config.s_tmax is None else float(self.config.s_tmax)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    # --- family-specific maps ------------------------------------------------------------------------
+    # --- the grid ---------------------------------------------------------------------------------
 
     def _sampling_range(self) -> tuple[float, float]:
         """The grid's range: config sigma_min .. sigma_max clamped to the family's range (VE and
@@ -362,53 +402,57 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         positive = sigmas[sigmas > 0].clamp(*self.sigma_range)
         return torch.cat([torch.unique_consecutive(positive), sigmas[sigmas <= 0]])
 
-    def _coefficients(self, sigmas: Sequence[float]) -> list[Coefficients]:
-        c = self._family.coefficients(torch.tensor(list(sigmas), dtype=torch.float64))
-        return [Coefficients(*values) for values in zip(c.c_skip.tolist(), c.c_out.tolist(), c.c_in.tolist())]
+    def _grid_steps(self, num_inference_steps: int) -> int:
+        """Grid steps for `num_inference_steps`: N for Heun (2N - 1 calls), else N calls (N + 1
+        steps under afs, whose first step makes no call)."""
+        if solver_info(self.config.solver).calls_per_step == 2:
+            return num_inference_steps
+        return num_inference_steps + (1 if self.config.afs else 0)
 
-    def _network_timesteps(self, sigmas: Sequence[float]) -> torch.Tensor:
-        t = self._family.net_time(torch.tensor(list(sigmas), dtype=torch.float64))
-        return t.long() if self._family.integer_timesteps else t.float()
+    def _named_grid(self, num_steps: int, mu: float | None) -> torch.Tensor:
+        """The default grid of `num_steps` steps: the schedule file's, the configured schedule, a
+        flow model's own shifted grid, or the solver's default schedule, on `sigma_range`."""
+        if self._schedule_file is not None:
+            return self._schedule_file.grid_for_steps(num_steps, "schedule_file")
+        name = self.config.schedule
+        if name is None and isinstance(self._family, FlowMatching):
+            grid = self._flow_grid(self._flow_times(num_steps, mu), mu)
+            return torch.cat([grid, grid.new_zeros(1)])
+        info = solver_info(self.config.solver)
+        name = name or info.schedule
+        options: dict[str, Any] = {}
+        if name == "karras":
+            options["rho"] = self.config.rho
+        elif name in ("time_uniform", "time_quadratic"):
+            options.update(sigma_to_t=self._family.time_of_sigma, t_to_sigma=self._family.sigma_of_time)
+        return sigma_grid(name, num_steps, *self.sigma_range, **options)
 
-    def _slope(self, call: _Call, x_state: Any, output: Any) -> Any:
-        """dx/dsigma at `call` from the pipeline's state and the network output (core rules)."""
-        x = x_state / call.state_scale
-        denoised = denoised_from_output(x, self._family.net_output(output, call.sigma), call.coefficients)
-        return ode_slope(x, denoised, call.sigma)
+    def _plan_of(self, grid: torch.Tensor, hats: Sequence[float], afs: bool) -> SolverPlan:
+        """The configured solver's plan on `grid` (rounded) with churn levels `hats`."""
+        info = solver_info(self.config.solver)
+        options: dict[str, Any] = {}
+        if self.config.solver_order is not None:
+            options["order"] = self.config.solver_order
+        if afs:
+            options["afs"] = True
+        if info.churn:
+            options.update(sigma_hats=list(hats), s_noise=self.config.s_noise)
+        return make_plan(self.config.solver, grid, **options)
 
-    def _with_update(self, calls: list[_Call], k: int) -> _Call:
-        """Call k with the coefficients of its update, from the core's rules on unit inputs.
+    def _calls_of(self, plan: SolverPlan) -> list[_Call]:
+        """One `_Call` per model call of `plan`: its family coefficients as floats."""
+        steps = [step for step in plan.steps if step.sigma is not None]
+        sigma = torch.tensor([step.sigma for step in steps], dtype=torch.float64)
+        c = self._family.coefficients(sigma)
+        scales = self._family.input_scale(sigma).tolist()
+        calls = []
+        for k, (step, c_skip, c_out) in enumerate(zip(steps, c.c_skip.tolist(), c.c_out.tolist())):
+            def denoised(x: float, out: float, c_skip=c_skip, c_out=c_out, sigma=step.sigma) -> float:
+                return c_skip * x + c_out * self._family.net_output(out, sigma)
 
-        Predictor: x_mid = euler_step to sigma_{i+1}; its share of the corrector's result is
-        heun_step with the second slope set to 0 (heun_step is linear in each slope). Corrector:
-        heun_step with x and the first slope set to 0. Euler: euler_step. Each result is put in
-        the state scale of the call that receives it (1 after the last call: data space)."""
-        call = calls[k]
-
-        def scale_of(index: int) -> float:
-            return calls[index].state_scale if index < len(calls) else 1.0
-
-        def denoised(x: float, out: float) -> float:
-            return denoised_from_output(x / call.state_scale, self._family.net_output(out, call.sigma), call.coefficients)
-
-        def euler(x: float, out: float) -> float:
-            return scale_of(k + 1) * euler_step(x / call.state_scale, self._slope(call, x, out), call.sigma, call.sigma_next)
-
-        def heun_first(x: float, out: float) -> float:
-            slope = self._slope(call, x, out)
-            return scale_of(k + 2) * heun_step(x / call.state_scale, slope, 0.0, call.sigma_from, call.sigma_next)
-
-        def heun_second(x: float, out: float) -> float:
-            return scale_of(k + 1) * heun_step(0.0, 0.0, self._slope(call, x, out), call.sigma_from, call.sigma_next)
-
-        fields: dict[str, Any] = {"denoised": _linear_coefficients(denoised, 2)}
-        if call.kind == _PREDICTOR:
-            fields["update"] = _linear_coefficients(euler, 2)
-            fields["partial"] = _linear_coefficients(heun_first, 2)
-        else:
-            fields["update"] = _linear_coefficients(heun_second if call.kind == _CORRECTOR else euler, 2)
-            fields["noise_scale"] = call.churn_std * scale_of(k + 1)
-        return replace(call, **fields)
+            start_std = initial_noise_std(step.level, step.sigma, self.config.s_noise)
+            calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std))
+        return calls
 
     # --- set_timesteps ----------------------------------------------------------------------------
 
@@ -420,14 +464,14 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | torch.Tensor | None = None,
         mu: float | None = None,
     ) -> None:
-        """Build the grid, the churn levels and one `_Call` per model call.
+        """Build the grid, the churn levels and the solver plan, with one timestep per model call.
 
-        `num_inference_steps`: N steps on the family's default grid: the rho grid on
-        `sigma_range`; for flow models the model's own grid, time-uniform flow times shifted
-        as its scheduler shifts them (`_flow_times`, `_flow_grid`).
+        `num_inference_steps`: N grid steps for Heun, N model calls for every other solver, on
+        the default grid (`schedule` / `schedule_file` / the solver's own; flow models: their
+        own time-uniform flow times shifted as their scheduler shifts them).
         `sigmas`: a custom decreasing grid (a final 0 is appended when missing), in sigma units;
         for flow models, flow times in [0, 1] before the model's shift, as diffusers' flow
-        schedulers take them (SD3 / Flux pipelines pass these), mapped by `_flow_grid`.
+        schedulers take them (SD3 / Flux pipelines pass these).
         `timesteps`: the network timesteps themselves (discrete VP train timesteps, VE sigmas,
         flow t * M), decreasing.
         `mu`: the dynamic time shift SD3 / Flux pipelines pass (flow models with
@@ -440,62 +484,38 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             check_num_steps(num_inference_steps, "num_inference_steps")
         flow = isinstance(self._family, FlowMatching)
         mu = mu if flow and self.config.use_dynamic_shifting else None
-        if flow and timesteps is None:
-            times = _as_grid(sigmas) if sigmas is not None else self._flow_times(num_inference_steps, mu)
-            sigmas = self._flow_grid(times, mu)
+        if flow and sigmas is not None:
+            sigmas = self._flow_grid(_as_grid(sigmas), mu)
         elif timesteps is not None:
             sigmas = self._sigmas_of_timesteps(timesteps)
         if sigmas is not None:
             grid = _as_grid(sigmas)
             if grid.numel() > 0 and float(grid[-1]) != 0.0:
                 grid = torch.cat([grid, grid.new_zeros(1)])
-            check_sigmas(grid)
-            check_sigmas_in_range(grid, self._family.sigma_min, self._family.sigma_max, "sigmas" if timesteps is None else "timesteps")
+            check_sigmas(grid, "sigmas" if timesteps is None else "timesteps")
         else:
-            grid = karras_sigmas(num_inference_steps, *self.sigma_range, self.config.rho)
+            grid = self._named_grid(self._grid_steps(num_inference_steps), mu)
+        check_sigmas_in_range(grid, self._family.sigma_min, self._family.sigma_max, "sigmas" if timesteps is None else "timesteps")
         grid, hats = churned_grid(
             grid, self._family.round_sigma, self.config.s_churn, self.config.s_tmin, self._s_tmax, self._family.sigma_max
         )
-        levels = grid.tolist()
-        n = len(levels) - 1
-
-        heun = self.config.solver == "heun"
-        plan: list[tuple[int, int, float, float]] = []  # (kind, i, sigma, level)
-        for i in range(n):
-            if heun and levels[i + 1] > 0:
-                plan.append((_PREDICTOR, i, hats[i], levels[i]))
-                plan.append((_CORRECTOR, i, levels[i + 1], levels[i + 1]))
-            else:
-                plan.append((_EULER, i, hats[i], levels[i]))
-        coefficients = self._coefficients([sigma for _, _, sigma, _ in plan])
-        calls = []
-        for (kind, i, sigma, level), c in zip(plan, coefficients):
-            finishes_step = kind != _PREDICTOR
-            churn = churn_noise_std(levels[i + 1], hats[i + 1], self.config.s_noise) if finishes_step and i + 1 < n else 0.0
-            state_scale = c.c_in  # the state is kept in the model's input scale
-            calls.append(
-                _Call(
-                    kind=kind,
-                    step=i,
-                    sigma=sigma,
-                    level=level,
-                    sigma_from=hats[i],
-                    sigma_next=levels[i + 1],
-                    coefficients=c,
-                    state_scale=state_scale,
-                    churn_std=churn,
-                )
-            )
-        calls = [self._with_update(calls, k) for k in range(len(calls))]
-        self._calls = calls
-        self.num_inference_steps = n
+        plan = self._plan_of(grid, hats, self.config.afs)
+        self._grid, self._plan = grid, plan
+        self._calls = self._calls_of(plan)
+        self._run_calls, self._run_offset, self._run_plan = self._calls, 0, plan
+        self.num_inference_steps = len(grid) - 1
         self.sigmas = grid.float()
-        self.sigma_hats = hats
-        self.timesteps = self._network_timesteps([call.sigma for call in calls]).to(device)
-        self._init_noise_sigma = self._start_std(0)
+        self.sigma_hats = list(plan.sigma_hats)
+        self.timesteps = self._network_timesteps([call.sigma for call in self._calls]).to(device)
+        scales, _ = _prefix_scales(plan)
+        self._init_noise_sigma = scales[-1] * self._calls[0].state_scale
         self._step_index = None
         self._begin_index = None
         self._reset_state()
+
+    def _network_timesteps(self, sigmas: Sequence[float]) -> torch.Tensor:
+        t = self._family.net_time(torch.tensor(list(sigmas), dtype=torch.float64))
+        return t.long() if self._family.integer_timesteps else t.float()
 
     def _sigmas_of_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Noise levels of network timesteps (the inverse of `family.net_time`)."""
@@ -515,31 +535,31 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             return t
         raise ValueError(f"timesteps cannot be given for model_family={self.config.model_family!r}; pass sigmas instead")
 
-    def _start_std(self, index: int) -> float:
-        """Std of pure noise at call `index`, in the state's scale (churn folded in for first calls)."""
-        call = self._calls[index]
-        return initial_noise_std(call.level, call.sigma, self.config.s_noise) * call.state_scale
-
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at model call `begin_index` (img2img: t_start * order); it must start a step."""
+        """Start at model call `begin_index` (img2img: t_start * order); it must start a grid step."""
         if self._calls and not (0 <= begin_index < len(self._calls)):
             raise ValueError(
                 f"begin_index must be in [0, {len(self._calls) - 1}], got {begin_index}: no sampling step is left "
                 "(for img2img, strength * num_inference_steps must be >= 1)"
             )
-        if self._calls and self._calls[begin_index].kind == _CORRECTOR:
+        if self._calls and not self._starts_grid_step(begin_index):
             raise ValueError(f"begin_index={begin_index} falls on Heun's second model call; it must be a multiple of order=2")
         self._begin_index = begin_index
 
+    def _starts_grid_step(self, index: int) -> bool:
+        return index == 0 or self._calls[index].step.index != self._calls[index - 1].step.index
+
     def _reset_state(self) -> None:
-        self._state: torch.Tensor | None = None  # x_edm after the last step, in float32 or better
+        self._states: deque | None = None  # the plan's X history, float32 or wider, scaled by _scales
+        self._denoised: deque | None = None  # the plan's D history
         self._returned: torch.Tensor | None = None  # the prev_sample object handed to the pipeline
-        self._partial: torch.Tensor | None = None  # Heun: the predictor's share of the corrector's result
+        self._scales: deque | None = None  # X[j] = states[j] / scales[j] (the pipeline's scale, or 1)
+        self._nonfinite: list[torch.Tensor] = []  # per call: sum of D, NaN / inf if D has any (read once)
 
     def _current_index(self, timestep: Any = None) -> int:
-        """The model call this `step` / `scale_model_input` belongs to. On the first call: the
-        begin index if set, else the call of `timestep` (a pipeline that starts mid-schedule
-        without set_begin_index, as some img2img pipelines do), else 0."""
+        """The model call this `step` belongs to. On the first call: the begin index if set, else
+        the call of `timestep` (a pipeline that starts mid-schedule without set_begin_index, as
+        some img2img pipelines do), else 0."""
         if self._step_index is None:
             if not self._calls:
                 raise ValueError("call set_timesteps before sampling")
@@ -550,6 +570,19 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             else:
                 self._step_index = 0
         return self._step_index
+
+    def _start_run(self, index: int) -> None:
+        """The plan that runs from model call `index`: the whole plan from call 0, else (img2img)
+        the plan of the remaining grid, with a fresh history (no afs: the start is not pure noise)."""
+        if index == 0:
+            self._run_calls, self._run_offset, self._run_plan = self._calls, 0, self._plan
+            return
+        i0 = self._calls[index].step.index
+        plan = self._plan_of(self._grid[i0:], self._plan.sigma_hats[i0:], afs=False)
+        calls = self._calls_of(plan)
+        if len(calls) != len(self._calls) - index:  # pragma: no cover (a plan invariant)
+            raise RuntimeError(f"the plan from call {index} makes {len(calls)} calls, not {len(self._calls) - index}")
+        self._run_calls, self._run_offset, self._run_plan = calls, index, plan
 
     # --- the per-call protocol --------------------------------------------------------------------
 
@@ -567,8 +600,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
         **kwargs: Any,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """Advance by one model call: D from the output, then the Euler predictor, the Heun
-        corrector or the final Euler step; churn noise for the next step is added here.
+        """Advance by one model call: D from the network output, then the plan's updates of this
+        call (churn noise for the next step included).
 
         Returns prev_sample (in the pipeline's scale and dtype) and pred_original_sample (D, in
         data space). Extra keyword arguments (DDIMPipeline's eta, use_clipped_model_output, ...)
@@ -585,32 +618,59 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         index = self._current_index(timestep)
         if index >= len(self._calls):
             raise IndexError(f"step was called {index + 1} times, but set_timesteps planned {len(self._calls)} model calls")
-        call = self._calls[index]
         dtype = sample.dtype if sample.dtype in _STATE_DTYPES else torch.promote_types(sample.dtype, torch.float32)
-        x = self._state if sample is self._returned and self._state is not None else sample
+        if self._states is None:
+            check_generator(generator, sample.shape[0])
+            self._start_run(index)
+        call = self._run_calls[index - self._run_offset]
+        if self._states is None:
+            scales, skipped = _prefix_scales(self._run_plan)
+            z = sample.to(dtype) / (call.state_scale * scales[-1])  # the start noise
+            window = self._run_plan.state_history
+            self._states = deque([z * c for c in scales[:-1]] + [sample.to(dtype)], maxlen=window)
+            self._scales = deque([1.0] * (len(scales) - 1) + [call.state_scale], maxlen=window)
+            self._denoised = deque([None] * skipped, maxlen=self._run_plan.denoised_history)
+        elif sample is not self._returned:  # the pipeline changed the state (inpainting): take it
+            self._states[-1] = sample.to(dtype)
+        states, scales, denoised = self._states, self._scales, self._denoised
         model_output = mean_output(model_output, sample)
-        terms = (x, model_output)
-        if call.kind == _PREDICTOR:
-            x_next = _combine(call.update, terms, dtype)
-            self._partial = _combine(call.partial, terms, dtype)
-        elif call.kind == _CORRECTOR:
-            x_next = self._partial
-            self._partial = None
-            for coefficient, term in zip(call.update, terms):
-                x_next.add_(term, alpha=coefficient)
-        else:
-            x_next = _combine(call.update, terms, dtype)
-        if call.noise_scale > 0:
-            x_next.add_(randn(x_next.shape, generator, x_next.device, dtype), alpha=call.noise_scale)
-        pred_original_sample = _combine(call.denoised, terms, dtype)
-        prev_sample = x_next
+        x_denoised = torch.mul(states[-1], call.denoised[0] / scales[-1]).add_(model_output.to(dtype), alpha=call.denoised[1])
+        self._nonfinite.append(x_denoised.sum())
+        denoised.append(x_denoised)
+        last = index + 1 == len(self._calls)
+        for u, update in enumerate(call.step.updates):
+            final = u + 1 == len(call.step.updates)
+            out_scale = (1.0 if last else self._run_calls[index + 1 - self._run_offset].state_scale) if final else 1.0
+            new = combine_update(update, states, denoised, scales, out_scale)
+            if update.noise_std > 0:
+                new.add_(randn(new.shape, generator, new.device, dtype), alpha=update.noise_std * out_scale)
+            states.append(new)
+            scales.append(out_scale)
+        prev_sample, pred_original_sample = states[-1], x_denoised
         if sample.dtype != dtype:
-            pred_original_sample, prev_sample = pred_original_sample.to(sample.dtype), x_next.to(sample.dtype)
-        self._state, self._returned = x_next, prev_sample
+            pred_original_sample, prev_sample = x_denoised.to(sample.dtype), prev_sample.to(sample.dtype)
+        self._returned = prev_sample
         self._step_index = index + 1
+        if last:
+            self._report_nonfinite()
         if not return_dict:
             return prev_sample, pred_original_sample
         return EDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _report_nonfinite(self) -> None:
+        """After the last call: one host-device sync to read the per-call flags; a warning names
+        the first call whose model output had NaN or inf."""
+        flags = (~torch.isfinite(torch.stack(self._nonfinite))).cpu().tolist() if self._nonfinite else []
+        self._nonfinite = []
+        if any(flags):
+            first = (self._step_index - len(flags)) + flags.index(True)
+            sigma = self._calls[first].sigma
+            warnings.warn(
+                f"the model returned NaN or inf at call {first} of {len(self._calls)} (sigma = {sigma:.6g}, timestep "
+                f"{float(self.timesteps[first]):.6g}); the samples are not finite",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = y + std * noise at the noise level of `timesteps`, in the state's scale (img2img).
@@ -622,13 +682,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         if not self._calls:
             raise ValueError("call set_timesteps before add_noise")
         if self._step_index is not None:
-            indices = [self._step_index]
+            indices = [min(self._step_index, len(self._calls) - 1)]
         elif self._begin_index is not None:
             indices = [self._begin_index]
         else:
             indices = [self._index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
         dtype = torch.promote_types(original_samples.dtype, torch.float32)
-        stds = [self._start_std(k) for k in indices]
+        stds = [self._calls[k].start_std * self._calls[k].state_scale for k in indices]
         scales = [self._calls[k].state_scale for k in indices]
         if len(set(indices)) == 1:
             std, scale = stds[0], scales[0]
@@ -649,7 +709,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     def _index_for_timestep(self, timestep: float) -> int:
         values = self.timesteps.cpu().double().tolist()
         for k, value in enumerate(values):
-            if abs(value - timestep) <= 1e-6 * max(1.0, abs(value)) and self._calls[k].kind != _CORRECTOR:
+            if abs(value - timestep) <= 1e-6 * max(1.0, abs(value)) and self._starts_grid_step(k):
                 return k
         raise ValueError(f"timesteps value {timestep} is not one of this scheduler's timesteps")
 

@@ -635,3 +635,64 @@ def snap_sigma(sigma: Number, table: torch.Tensor) -> torch.Tensor:
     sigma_t = torch.as_tensor(sigma, dtype=table.dtype, device=table.device)
     index = torch.argmin(torch.abs(sigma_t.reshape(-1, 1) - table), dim=1)
     return table[index].reshape(sigma_t.shape)
+
+
+# --- schedule files (written by `edm-sampling tune --schedule`, read by EDMScheduler) ---------
+
+SCHEDULE_FILE_FORMAT = "edm_sampling.schedule/1"
+
+
+@dataclass(frozen=True)
+class ScheduleFile:
+    """Searched sampling grids, one per step count, and how they were found (`meta`: solver,
+    afs, model, ...). Each grid is decreasing and ends at 0."""
+
+    grids: tuple[tuple[float, ...], ...]
+    meta: dict
+
+    def grid_for_steps(self, num_steps: int, name: str = "schedule_file") -> torch.Tensor:
+        """The grid of `num_steps` steps; a ValueError naming `name` and the step counts held."""
+        for grid in self.grids:
+            if len(grid) - 1 == num_steps:
+                return _f64(grid)
+        held = sorted(len(g) - 1 for g in self.grids)
+        raise ValueError(f"{name} holds grids of {held} steps, none of {num_steps} steps; "
+                         f"search one with `edm-sampling tune --schedule` or pick a step count it holds")
+
+
+def schedule_file_json(grids: Sequence[Sequence[float]], **meta: Any) -> dict:
+    """The JSON object of a schedule file: {"format", "grids": [[sigma_0, ..., 0], ...], **meta}.
+    Every grid is checked as a sampling grid ending at 0."""
+    checked = []
+    for grid in grids:
+        levels = _f64(list(grid)).flatten()
+        check_sigmas(levels, "grids")
+        if float(levels[-1]) != 0.0:
+            raise ValueError(f"grids must end at sigma = 0, got {levels.tolist()}")
+        checked.append([float(s) for s in levels])
+    return {"format": SCHEDULE_FILE_FORMAT, **meta, "grids": checked}
+
+
+def read_schedule_file(path: str, name: str = "schedule_file") -> ScheduleFile:
+    """Read and check a schedule file; any problem is a ValueError naming `name` and the path."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{name}: no such file {str(path)!r}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{name}: {str(path)!r} is not a readable JSON file: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != SCHEDULE_FILE_FORMAT:
+        raise ValueError(f"{name}: {str(path)!r} is not an edm_sampling schedule file (format {SCHEDULE_FILE_FORMAT!r})")
+    grids = data.get("grids")
+    if not isinstance(grids, list) or not grids:
+        raise ValueError(f"{name}: {str(path)!r} holds no grids")
+    try:
+        checked = schedule_file_json(grids)["grids"]
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name}: {str(path)!r} holds a bad grid: {error}") from error
+    meta = {k: v for k, v in data.items() if k not in ("format", "grids")}
+    return ScheduleFile(tuple(tuple(g) for g in checked), meta)

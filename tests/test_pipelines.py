@@ -28,21 +28,38 @@ def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _core(denoiser, noise, scheduler, **kwargs):
-    """The core sampler on the scheduler's grid and churn settings."""
+def _core(denoiser, noise, scheduler, sigmas=None, afs=None, **kwargs):
+    """The core sampler on the scheduler's grid (or `sigmas`), solver, order, afs and churn."""
     config = scheduler.config
     with torch.no_grad():
         return samplers.sample(
             denoiser,
             noise,
-            scheduler.sigmas.double(),
+            scheduler.sigmas.double() if sigmas is None else sigmas,
             solver=config.solver,
+            order=config.solver_order,
+            afs=config.afs if afs is None else afs,
             s_churn=config.s_churn,
             s_tmin=config.s_tmin,
             s_tmax=scheduler._s_tmax,
             s_noise=config.s_noise,
             **kwargs,
         )
+
+
+# solvers the pipeline tests run: EDM's Heun, and multistep solvers with and without afs
+SOLVER_CASES = {
+    "heun": {},
+    "unipc3": {"solver": "unipc", "solver_order": 3},
+    "dpmpp_2m-afs": {"solver": "dpmpp_2m", "afs": True},
+    "ipndm-afs": {"solver": "ipndm", "afs": True},
+    "dpmpp_3m": {"solver": "dpmpp_3m"},
+}
+
+
+def _calls(case: str, n: int) -> int:
+    """Model calls of num_inference_steps = n: 2n - 1 for Heun, n for the multistep solvers."""
+    return 2 * n - 1 if case == "heun" else n
 
 
 def _to_image(x: torch.Tensor) -> torch.Tensor:
@@ -54,16 +71,17 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddpm_ddim_pipelines_equal_core(pipeline_cls, prediction_type):
+@pytest.mark.parametrize("case", ["heun", "unipc3", "dpmpp_2m-afs"])
+def test_ddpm_ddim_pipelines_equal_core(pipeline_cls, prediction_type, case):
     unet = tiny_unet2d()
     source = DDPMScheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
     pipe = pipeline_cls(unet=unet, scheduler=source)
-    pipe.scheduler = EDMScheduler.from_config(source.config)  # after construction: DDIMPipeline converts in __init__
+    pipe.scheduler = EDMScheduler.from_config(source.config, **SOLVER_CASES[case])  # after construction: DDIMPipeline converts in __init__
     pipe.set_progress_bar_config(disable=True)
     counter = CallCounter(unet)
     images = pipe(batch_size=2, num_inference_steps=5, generator=_seed(0), output_type="pt").images
     pipe_calls = counter.calls
-    assert pipe_calls == 2 * 5 - 1
+    assert pipe_calls == _calls(case, 5)
 
     counter.reset()
     scheduler = pipe.scheduler
@@ -111,10 +129,15 @@ class _CFGNet(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def sd_parts(tmp_path_factory):
+def sd_base(tmp_path_factory):
     components = tiny_sd_components(tmp_path_factory.mktemp("sd"))
-    source = components["scheduler"]
-    components["scheduler"] = EDMScheduler.from_config(source.config)
+    return components, components["scheduler"]
+
+
+@pytest.fixture(params=["heun", "unipc3", "ipndm-afs"])
+def sd_parts(sd_base, request):
+    components, source = sd_base
+    components = {**components, "scheduler": EDMScheduler.from_config(source.config, **SOLVER_CASES[request.param])}
     return components, source
 
 
@@ -146,12 +169,13 @@ def test_stable_diffusion_cfg_custom_sigmas_and_callback(sd_parts, tmp_path):
         output_type="latent",
         callback_on_step_end=callback,
     ).images
-    assert counter.calls == len(seen) == 2 * 4 - 1
+    calls = 2 * 4 - 1 if pipe.scheduler.config.solver == "heun" else 4
+    assert counter.calls == len(seen) == calls
 
     counter.reset()
     denoiser = _cfg_denoiser(pipe, source, "a photo of a cat", 5.0)
     ref = _core(denoiser, noise, pipe.scheduler)
-    assert counter.calls == ref.nfe == 7
+    assert counter.calls == ref.nfe == calls
     torch.testing.assert_close(latents, ref.sample, **TOL)
 
     # custom sigmas (sigma units) through retrieve_timesteps
@@ -195,14 +219,15 @@ def test_stable_diffusion_img2img_strength(sd_parts):
         "a red dog", image=init, strength=strength, num_inference_steps=n, guidance_scale=3.0, generator=_seed(5), output_type="latent"
     ).images
     steps = int(n * strength)
-    assert counter.calls == 2 * steps - 1
+    heun = pipe.scheduler.config.solver == "heun"
+    assert counter.calls == (2 * steps - 1 if heun else steps)
 
     counter.reset()
     scheduler = pipe.scheduler
     noise = torch.randn((1, 4, 8, 8), generator=_seed(5))
     denoiser = _ShiftedDenoiser(_cfg_denoiser(pipe, source, "a red dog", 3.0), init)
-    with torch.no_grad():
-        ref = samplers.sample(denoiser, noise, scheduler.sigmas.double()[n - steps :])
+    # the remaining grid's plan, with a fresh history and no afs (the start is not pure noise)
+    ref = _core(denoiser, noise, scheduler, sigmas=scheduler.sigmas.double()[-(steps + 1) :], afs=False)
     assert counter.calls == ref.nfe
     torch.testing.assert_close(latents, ref.sample + init, **TOL)
 

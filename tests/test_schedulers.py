@@ -233,7 +233,7 @@ def test_half_precision_state_stays_float32(dtype):
     scheduler.set_timesteps(5)
     out = _pipeline_loop(scheduler, net, noise, dtype=dtype)
     assert out.dtype == dtype
-    assert scheduler._state.dtype == torch.float32
+    assert scheduler._states[-1].dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 

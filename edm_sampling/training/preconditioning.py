@@ -32,6 +32,7 @@ from torch import nn
 from edm_sampling.denoisers import (
     Coefficients,
     ContinuousVPDenoiser,
+    DiscreteVPDenoiser,
     EDMDenoiser,
     PreconditionedDenoiser,
     undo_fourier_division,
@@ -39,7 +40,7 @@ from edm_sampling.denoisers import (
     ve_coefficients,
 )
 
-FAMILIES = ("edm", "vp", "ve")
+FAMILIES = ("edm", "vp", "ve", "ddpm")
 
 
 def is_fourier_unet(unet: nn.Module) -> bool:
@@ -134,8 +135,11 @@ def precondition(
     sigma_data: float = 0.5,
     augment_dim: int = 0,
     undo_fourier_division: bool = False,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> PreconditionedDenoiser:
-    """Wrap a diffusers UNet as the core denoiser of ``family`` ("edm", "vp" or "ve").
+    """Wrap a diffusers UNet as the core denoiser of ``family``: "edm", "vp" (continuous),
+    "ve", or "ddpm" (discrete VP: the betas and prediction_type of ``scheduler_config``, a
+    diffusers DDPM-family scheduler config; DDPMScheduler's defaults when None).
 
     The result is a core `PreconditionedDenoiser` whose ``net`` is a :class:`UNetNet`; call it
     as ``D(x, sigma, class_labels=..., encoder_hidden_states=..., augment_labels=...)``.
@@ -143,8 +147,11 @@ def precondition(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     net = UNetNet(unet, augment_dim=augment_dim, undo_fourier=undo_fourier_division)
+    if family == "ddpm":
+        return DiscreteVPDenoiser.from_scheduler_config(net, scheduler_config or {})
     if family == "edm":
-        return EDMDenoiser(net, sigma_data=sigma_data)
+        prediction_type = (scheduler_config or {}).get("prediction_type", "epsilon")
+        return EDMDenoiser(net, sigma_data=sigma_data, prediction_type=prediction_type)
     if family == "vp":
         return ContinuousVPDenoiser(net)
     return VETrainingDenoiser(net)

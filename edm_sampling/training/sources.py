@@ -62,7 +62,8 @@ class FolderSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"{flag}: data folder {str(root)!r} does not exist or is not a folder")
-        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
         if not files:
             raise ValueError(f"{flag}: data folder {str(root)!r} has no PNG or JPEG images ({', '.join(IMAGE_EXTENSIONS)})")
         self.report = ScanReport()

@@ -299,3 +299,28 @@ def test_bare_unet_with_scheduler_config(models, tmp_path):
     result = Trainer(config).run()
     pipe = DiffusionPipeline.from_pretrained(result.pipeline_dir)
     assert type(pipe) is DDPMPipeline and isinstance(pipe.scheduler, EDMScheduler)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_native_weighting_is_the_diffusers_target_mse(prediction_type):
+    """--loss ddpm on epsilon / v / sample models == diffusers' MSE against its own target
+    (noise, get_velocity, the clean image) at the same timesteps and noise."""
+    from diffusers import DDPMScheduler
+
+    from edm_sampling.training.losses import FamilyLoss, denoising_loss
+    from edm_sampling.training.preconditioning import precondition
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    unet = tiny_unet2d(in_channels=3)
+    denoiser = precondition(unet, "ddpm", scheduler_config=scheduler.config)
+    loss = FamilyLoss(denoiser, "ddpm", "native")
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    sigma = loss.sample_sigma(6, g)
+    noise = torch.randn(y.shape, generator=g)
+    t = _ddpm_timesteps(sigma, scheduler)
+    with torch.no_grad():
+        ours = denoising_loss(denoiser, y, sigma, noise, loss.weight(sigma)).loss
+        target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(y, noise, t), "sample": y}[prediction_type]
+        plain = _mse(unet(scheduler.add_noise(y, noise, t), t).sample, target)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-6)

@@ -250,3 +250,36 @@ def tiny_sd3_components(directory: str | Path, scheduler=None) -> dict[str, Any]
         tokenizer_3=None,
         scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
+
+
+def write_image_folder(
+    directory: str | Path,
+    sizes: list[tuple[int, int]],
+    captions: list[str] | None = None,
+    mode: str = "RGB",
+    broken: bool = False,
+) -> Path:
+    """An imagefolder of PNGs of the given (width, height) sizes, each a different smooth pattern.
+
+    `captions` go to metadata.jsonl (`file_name`, `text`); `broken` adds an unreadable file
+    (bad.png) and a zero-byte one (zero.png)."""
+    import numpy as np
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (width, height) in enumerate(sizes):
+        y, x = np.mgrid[0:height, 0:width]
+        channels = [(37 * i + 5 * x + 3 * y) % 256, (90 + 11 * i + 7 * y) % 256, (200 - 23 * i + 2 * x) % 256]
+        array = np.stack(channels, axis=-1).astype(np.uint8)
+        image = Image.fromarray(array, "RGB").convert(mode)
+        image.save(directory / f"img{i}.png")
+        if captions is not None:
+            rows.append({"file_name": f"img{i}.png", "text": captions[i]})
+    if captions is not None:
+        (directory / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    if broken:
+        (directory / "bad.png").write_bytes(b"this is not a PNG")
+        (directory / "zero.png").write_bytes(b"")
+    return directory

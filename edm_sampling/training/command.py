@@ -1,6 +1,7 @@
-"""`edm-sampling train`: train a UNet with the EDM recipe, export it, write a sample grid.
+"""`edm-sampling train`: train or fine-tune a UNet with the EDM recipe, export it, write sample grids.
 
-Defaults train a small UNet on the built-in scikit-learn digits (upscaled to 16x16) on CPU.
+Defaults train a small UNet on the built-in scikit-learn digits (upscaled to 16x16) on CPU;
+`--pretrained PATH --data FOLDER` fine-tunes a local diffusers pipeline on your images.
 Works under `accelerate launch -m edm_sampling.cli train ...` on one or many GPUs. The
 module imports nothing heavy: torch, diffusers and accelerate load when the command runs.
 """
@@ -20,36 +21,57 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "train",
-        help="train a diffusers UNet with the EDM recipe (built-in digits by default)",
+        help="train or fine-tune a diffusers UNet with the EDM recipe (built-in digits by default)",
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--output-dir", default=d["output_dir"], help="run folder: checkpoint, log, pipeline/, samples.png (default: %(default)s)")
-    p.add_argument("--data", default=d["data"], help="image folder (PNG/JPEG, optional class subfolders); default: built-in digits")
-    p.add_argument("--resolution", type=int, default=d["resolution"], help="size of the built-in digits (default: %(default)s)")
-    p.add_argument("--loss", default=d["loss"], help="edm, vp or ve (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in total (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per optimizer step, all processes (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient-accumulation rounds per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--lr-warmup-images", type=int, default=d["lr_warmup_images"], help="linear warm-up length in images (default: %(default)s)")
-    p.add_argument("--ema-halflife-images", type=float, default=d["ema_halflife_images"], help="EMA half-life in images (default: %(default)s)")
-    p.add_argument("--ema-rampup-ratio", type=float, default=d["ema_rampup_ratio"], help="EMA half-life at most this x images seen (default: %(default)s)")
-    p.add_argument("--augment-p", type=float, default=d["augment_p"], help="non-leaky augmentation probability (default: %(default)s)")
-    p.add_argument("--class-conditional", action="store_true", help="condition on class labels (class subfolders / digit labels)")
-    p.add_argument("--sigma-data", type=float, default=d["sigma_data"], help="data std for EDM preconditioning (default: %(default)s)")
-    p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=d["block_out_channels"],
-                   dest="block_out_channels", help="UNet block widths, comma separated (default: 16,32,64)")
-    p.add_argument("--layers-per-block", type=int, default=d["layers_per_block"], help="(default: %(default)s)")
-    p.add_argument("--attention", action="store_true", help="self-attention in the lowest-resolution block")
-    p.add_argument("--dropout", type=float, default=d["dropout"], help="(default: %(default)s)")
-    p.add_argument("--mixed-precision", default=d["mixed_precision"], help="no, fp16 or bf16 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="(default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default: %(default)s)")
-    p.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="Heun steps for the sample grid (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=d["num_samples"], help="images in the sample grid, 0 for none (default: %(default)s)")
-    p.add_argument("--no-export", dest="export", action="store_false", help="do not write the pipeline folder")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=d["data"], help="image folder, streamed (PNG/JPEG/WebP; metadata.jsonl captions; class subfolders); default: built-in digits")
+    data.add_argument("--dataset", default=d["dataset"], help="a Hugging Face dataset: a save_to_disk folder (or a hub name when online); needs the 'datasets' extra")
+    data.add_argument("--image-column", default=d["image_column"], help="image column of --dataset (default: %(default)s)")
+    data.add_argument("--caption-column", default=d["caption_column"], help="caption column of --dataset / metadata.jsonl (default: %(default)s)")
+    data.add_argument("--resolution", default=d["resolution"], help="training size S or H,W: images are resized and centre-cropped (default: 16 for digits, the model's own size, or the folder's)")
+    data.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2")
+    data.add_argument("--caption-dropout", type=float, default=d["caption_dropout"], help="probability of an empty caption, for classifier-free guidance (default: %(default)s)")
+    data.add_argument("--cache-latents", action="store_true", help="latent models: encode every image once into the run folder")
+    data.add_argument("--num-workers", type=int, default=d["num_workers"], help="DataLoader worker processes (default: %(default)s)")
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained", default=d["pretrained"], help="fine-tune a local diffusers pipeline folder (DDPM, DDIM, Stable Diffusion, EDMPipeline) or a bare UNet folder")
+    model.add_argument("--scheduler-config", default=d["scheduler_config"], help="scheduler_config.json (or its folder) for a bare --pretrained UNet folder")
+    model.add_argument("--loss", default=d["loss"], help="edm (log-normal sigma, EDM weighting), ddpm (uniform timesteps, MSE on the net's output); from scratch also vp, ve (default: %(default)s)")
+    model.add_argument("--noise-distribution", default=d["noise_distribution"], help="override the recipe's noise levels: lognormal or ddpm")
+    model.add_argument("--loss-weighting", default=d["loss_weighting"], help="override the recipe's weighting: edm or native (MSE on the net's own output)")
+    model.add_argument("--p-mean", type=float, default=d["p_mean"], help="log-normal noise: mean of ln sigma (default: %(default)s)")
+    model.add_argument("--p-std", type=float, default=d["p_std"], help="log-normal noise: std of ln sigma (default: %(default)s)")
+    model.add_argument("--sigma-data", type=float, default=d["sigma_data"], help="data std for EDM preconditioning / weighting (default: %(default)s)")
+    model.add_argument("--class-conditional", action="store_true", help="condition on class labels (class subfolders / digit labels)")
+    model.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=d["block_out_channels"],
+                       dest="block_out_channels", help="new UNet: block widths, comma separated (default: 16,32,64)")
+    model.add_argument("--layers-per-block", type=int, default=d["layers_per_block"], help="new UNet (default: %(default)s)")
+    model.add_argument("--attention", action="store_true", help="new UNet: self-attention in the lowest-resolution block")
+    model.add_argument("--dropout", type=float, default=d["dropout"], help="new UNet (default: %(default)s)")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in total (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="images per optimizer step, all processes (default: %(default)s)")
+    opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient-accumulation rounds per step (default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (default: 2e-3 from scratch, 1e-4 fine-tuning)")
+    opt.add_argument("--lr-warmup-images", type=int, default=d["lr_warmup_images"], help="linear warm-up length in images (default: %(default)s)")
+    opt.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="clip the gradient norm to this (default: no clipping)")
+    opt.add_argument("--ema-halflife-images", type=float, default=d["ema_halflife_images"], help="EMA half-life in images (default: %(default)s)")
+    opt.add_argument("--ema-rampup-ratio", type=float, default=d["ema_rampup_ratio"], help="EMA half-life at most this x images seen (default: %(default)s)")
+    opt.add_argument("--augment-p", type=float, default=d["augment_p"], help="non-leaky augmentation probability, pixel models (default: %(default)s)")
+    opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
+    opt.add_argument("--mixed-precision", default=d["mixed_precision"], help="no, fp16 or bf16 (GPU; default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=d["seed"], help="(default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints and sample grids (default: %(default)s)")
+    out.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default: %(default)s)")
+    out.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="Heun steps for the sample grids (default: %(default)s)")
+    out.add_argument("--num-samples", type=int, default=d["num_samples"], help="images in each sample grid, 0 for none (default: %(default)s)")
+    out.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help="classifier-free guidance of text models' sample grids (default: %(default)s)")
+    out.add_argument("--export-scheduler", default=d["export_scheduler"], help="scheduler of the exported pipeline: edm or original (default: %(default)s)")
+    out.add_argument("--no-export", dest="export", action="store_false", help="do not write the pipeline folder")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")

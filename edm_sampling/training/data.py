@@ -1,8 +1,9 @@
-"""Training data: an image folder, or the built-in scikit-learn digits (no download).
+"""In-memory training data and the data order.
 
-Both give an :class:`ImageDataset`: images as float32 [N, C, H, W] in [-1, 1] and integer
-class labels [N] (all zero when there are no classes). Datasets are held in memory, which
-suits the small sets this recipe is tested on.
+:class:`ImageDataset` holds images as float32 [N, C, H, W] in [-1, 1] and integer class
+labels [N] (all zero when there are no classes): the built-in scikit-learn digits (no
+download) or a small image folder read whole. Larger folders and datasets are streamed
+(`sources.py`). The order of the data is a pure function of (seed, step) for both.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -45,53 +43,21 @@ class ImageDataset:
 
 
 def load_image_folder(path: str | os.PathLike) -> ImageDataset:
-    """Read every PNG / JPEG under ``path``; direct subfolders name the classes.
+    """Read every image of a folder into memory at its own size (`sources.FolderSource`:
+    direct subfolders name the classes, unreadable files are left out).
 
-    Images directly in ``path`` (no subfolders with images) make an unconditional set.
     All images must share one size; greyscale sets stay one channel, anything else is
-    converted to RGB. Raises ValueError for a missing or empty folder, an unreadable file
-    or mixed sizes, before anything is decoded in full.
+    converted to RGB. Raises ValueError for a missing folder, one without a usable image, or
+    mixed sizes, before anything is decoded in full. Training streams folders instead
+    (`sources.StreamedImages`); this is for small sets and tests.
     """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from .sources import StreamedImages, FolderSource, source_mode, source_resolution
 
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"data folder {str(root)!r} does not exist or is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"data folder {str(root)!r} has no PNG or JPEG images ({', '.join(IMAGE_EXTENSIONS)})")
-    class_names = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    if class_names and any(len(p.relative_to(root).parts) == 1 for p in files):
-        raise ValueError(f"data folder {str(root)!r} mixes images at top level with class subfolders")
-
-    sizes, modes = {}, set()
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                sizes.setdefault(im.size, p)
-                modes.add(im.mode)
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"data folder {str(root)!r}: cannot read image {str(p)!r}: {error}") from error
-    if len(sizes) > 1:
-        examples = ", ".join(f"{w}x{h} ({q.name})" for (w, h), q in list(sizes.items())[:3])
-        raise ValueError(f"data folder {str(root)!r} has images of mixed sizes: {examples}; resize them to one size")
-    (width, height), _ = next(iter(sizes.items()))
-    mode = "L" if modes <= {"L", "1", "I;16", "I"} else "RGB"
-
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert(mode), dtype=np.float32))
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"data folder {str(root)!r}: cannot decode image {str(p)!r}: {error}") from error
-    images = torch.from_numpy(np.stack(arrays))
-    images = images[:, None] if mode == "L" else images.permute(0, 3, 1, 2)
-    images = images / 127.5 - 1.0
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = torch.tensor([index[p.relative_to(root).parts[0]] if class_names else 0 for p in files], dtype=torch.long)
-    return ImageDataset(images.contiguous(), labels, len(class_names), tuple(class_names))
+    source = FolderSource(path)
+    images = StreamedImages(source, source_resolution(source), source_mode(source))
+    stacked = torch.stack([images[i]["image"] for i in range(len(images))])
+    labels = torch.tensor(source.labels or [0] * len(source), dtype=torch.long)
+    return ImageDataset(stacked.contiguous(), labels, len(source.class_names), source.class_names)
 
 
 def load_builtin_digits(resolution: int = 16) -> ImageDataset:
@@ -106,13 +72,6 @@ def load_builtin_digits(resolution: int = 16) -> ImageDataset:
         images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
     images = images.clamp(-1.0, 1.0).contiguous()
     return ImageDataset(images, labels, 10, tuple(str(i) for i in range(10)))
-
-
-def load_dataset(data: str | None, resolution: int = 16) -> ImageDataset:
-    """``data`` = None or "digits" gives the built-in set; anything else is a folder path."""
-    if data is None or data == "digits":
-        return load_builtin_digits(resolution)
-    return load_image_folder(data)
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,3 +96,13 @@ def batch_indices(num_items: int, seed: int, step: int, batch_size: int, device:
         need -= take.numel()
         epoch, offset = epoch + 1, 0
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def micro_batch_indices(num_items: int, seed: int, step: int, round_: int, batch_size: int, grad_accum: int,
+                        processes: int, process_index: int, device: torch.device | None = None) -> torch.Tensor:
+    """The indices process ``process_index`` trains on in accumulation round ``round_`` of
+    step ``step``: its slice of that round's share of the global batch (`batch_indices`)."""
+    indices = batch_indices(num_items, seed, step, batch_size, device)
+    micro = batch_size // (processes * grad_accum)
+    chunk = indices[round_ * micro * processes : (round_ + 1) * micro * processes]
+    return chunk[process_index * micro : (process_index + 1) * micro]

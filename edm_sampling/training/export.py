@@ -1,11 +1,18 @@
-"""Export a trained EDM UNet as a diffusers pipeline folder.
+"""Export a trained or fine-tuned UNet as a diffusers pipeline folder.
 
-The folder holds the UNet (EMA weights; the augmentation projection is dropped, which is
-exact at sampling because the augmentation vector is zero there) and
-`edm_sampling.schedulers.EDMScheduler` configured by the model's family object
-(model_family="edm", sigma_data): its state is kept in the UNet's input scale c_in, its
-timesteps are c_noise = ln(sigma)/4 (what the trainer fed the UNet) and its `step` forms
-D = c_skip x + c_out F. `EDMPipeline.from_pretrained(folder)`, or
+Fine-tuned pretrained models go back into the user's own pipeline: the same pipeline class,
+every component other than the UNet copied byte for byte (VAE, text encoder, tokenizer,
+feature extractor, safety checker), the EMA UNet saved anew, and the scheduler the user
+picks: EDMScheduler (its config mapped from the original) or the original one, untouched.
+Note that DDIMPipeline turns any scheduler it is given into a DDIMScheduler when it is
+built; set ``pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)`` after loading.
+
+A UNet trained from scratch with the EDM recipe: the folder holds the UNet (EMA weights; the
+augmentation projection is dropped, which is exact at sampling because the augmentation
+vector is zero there) and `edm_sampling.schedulers.EDMScheduler` configured by the model's
+family object (model_family="edm", sigma_data): its state is kept in the UNet's input scale
+c_in, its timesteps are c_noise = ln(sigma)/4 (what the trainer fed the UNet) and its `step`
+forms D = c_skip x + c_out F. `EDMPipeline.from_pretrained(folder)`, or
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a process that has not
 imported edm_sampling, gives back `edm_sampling.pipelines.EDMPipeline`, offline.
 
@@ -16,15 +23,16 @@ folder is replaced only with ``overwrite=True``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from edm_sampling.families import EDM
+from edm_sampling.families import EDM, Family
 
 
 def _edm_parts(source: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -34,7 +42,7 @@ def _edm_parts(source: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     denoiser = getattr(denoiser, "module", denoiser)
     family = getattr(denoiser, "family", None)
     if not isinstance(family, EDM):
-        name = family.name if family is not None else type(denoiser).__name__
+        name = family.name if isinstance(family, Family) else type(denoiser).__name__
         raise ValueError(f"only EDM-preconditioned models can be exported for EDMScheduler, got {name!r}")
     net = denoiser.net
     if getattr(net, "fourier", False):
@@ -49,20 +57,18 @@ def build_pipeline(source: Any):
 
     unet, scheduler_config = _edm_parts(source)
     unet = copy.deepcopy(unet).to("cpu").float().eval()
-    scheduler = EDMScheduler(**scheduler_config)
-    return EDMPipeline(unet=unet, scheduler=scheduler)
+    return EDMPipeline(unet=unet, scheduler=EDMScheduler(**scheduler_config))
 
 
-def export_pipeline(source: Any, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the pipeline folder for ``source`` (a Trainer, or an EDM denoiser from `precondition`)."""
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp)`` on a temporary folder beside ``folder``, then move it into place."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ValueError(f"export folder {str(folder)!r} already exists; pass overwrite=True to replace it")
-    pipe = build_pipeline(source)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
@@ -74,3 +80,85 @@ def export_pipeline(source: Any, folder: str | os.PathLike, overwrite: bool = Fa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _ema_unet(trainer: Any) -> torch.nn.Module:
+    """A float32 CPU copy of the trainer's EMA UNet (the augmentation projection left out)."""
+    return copy.deepcopy(trainer.ema.net.unet).to("cpu").float().eval()
+
+
+def _scheduler(config: dict[str, Any], choice: str) -> Any:
+    """The exported scheduler: ``EDMScheduler.from_config`` or the original diffusers class."""
+    import diffusers
+
+    from edm_sampling.schedulers import EDMScheduler
+
+    if choice == "edm":
+        return EDMScheduler.from_config(config)
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = EDMScheduler if name == EDMScheduler.__name__ else getattr(diffusers, name, diffusers.DDPMScheduler)
+    return cls.from_config(config)
+
+
+def _write_finetuned(trainer: Any, tmp: Path, choice: str) -> None:
+    """The user's pipeline folder with the EMA UNet written anew; every other file copied as is
+    (byte-identical), the scheduler replaced by EDMScheduler if ``choice`` is "edm"."""
+    from edm_sampling.schedulers import EDMScheduler
+
+    folder = trainer.pretrained
+    unet = _ema_unet(trainer)
+    if folder.index is None:  # a bare UNet: the smallest pipeline that samples it
+        from diffusers import DDPMPipeline
+
+        from edm_sampling.pipelines import EDMPipeline
+
+        scheduler = _scheduler(folder.scheduler_config, choice)
+        cls = EDMPipeline if folder.num_classes or folder.family == "edm" else DDPMPipeline
+        cls(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        return
+    for entry in sorted(folder.root.iterdir()):
+        target = tmp / entry.name
+        if entry.name == "unet":
+            unet.save_pretrained(target, safe_serialization=True)
+        elif entry.name == "scheduler" and choice == "edm":
+            EDMScheduler.from_config(folder.scheduler_config).save_pretrained(target)
+        elif entry.name == "model_index.json" and choice == "edm":
+            index = dict(folder.index, scheduler=[EDMScheduler.__module__, EDMScheduler.__name__])
+            target.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True)
+        else:
+            shutil.copy2(entry, target)
+
+
+def _write_scratch(trainer: Any, tmp: Path, choice: str) -> None:
+    """A new UNet: EDM family -> EDMPipeline + EDMScheduler("edm"); the DDPM recipe ->
+    DDPMPipeline with DDPMScheduler ("original") or EDMScheduler ("edm")."""
+    if trainer.family == "edm":
+        build_pipeline(trainer).save_pretrained(tmp, safe_serialization=True)
+        return
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    pipe = DDPMPipeline(unet=_ema_unet(trainer), scheduler=_scheduler(DDPMScheduler().config, choice))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+def export_pipeline(source: Any, folder: str | os.PathLike, overwrite: bool = False, scheduler: str = "edm") -> Path:
+    """Write the pipeline folder for ``source``: a Trainer (its EMA UNet), or an EDM denoiser
+    from `precondition`.
+
+    A fine-tuned pretrained model goes back into the user's own pipeline class and
+    components (``scheduler``: "edm" for EDMScheduler, "original" for the model's own); a
+    new one into EDMPipeline (EDM recipe) or DDPMPipeline (DDPM recipe). Loading a folder
+    with EDMScheduler / EDMPipeline needs ``import edm_sampling.pipelines`` first.
+    """
+    if scheduler not in ("edm", "original"):
+        raise ValueError(f"--export-scheduler must be 'edm' or 'original', got {scheduler!r}")
+    if getattr(source, "pretrained", None) is not None:
+        write = lambda tmp: _write_finetuned(source, tmp, scheduler)  # noqa: E731
+    elif hasattr(source, "family"):
+        write = lambda tmp: _write_scratch(source, tmp, scheduler)  # noqa: E731
+    else:
+        pipe = build_pipeline(source)
+        write = lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True)  # noqa: E731
+    return write_folder_atomically(folder, write, overwrite)

@@ -30,11 +30,13 @@ import torch
 from torch import nn
 
 from edm_sampling.denoisers import PreconditionedDenoiser, VEDenoiser, undo_fourier_division
-from edm_sampling.families import EDM, VE, ContinuousVP, Family
+from edm_sampling.families import EDM, VE, ContinuousVP, DiscreteVP, Family, family_from_scheduler_config
+from edm_sampling.schedules import betas_from_config
 
-# training family names (the loss names): "vp" is Table 1's continuous VP, also "continuous_vp"
-FAMILIES = ("edm", "vp", "ve")
-_FAMILY_ALIASES = {"continuous_vp": "vp"}
+# training family names (the loss names): "vp" is Table 1's continuous VP (also "continuous_vp"),
+# "ddpm" the discrete VP of a pretrained DDPM-family model (its scheduler config)
+FAMILIES = ("edm", "vp", "ve", "ddpm")
+_FAMILY_ALIASES = {"continuous_vp": "vp", "discrete_vp": "ddpm"}
 
 
 def is_fourier_unet(unet: nn.Module) -> bool:
@@ -115,14 +117,23 @@ class VETrainingDenoiser(VEDenoiser):
         super().__init__(net, sigma_min, sigma_max, time_input="positional")
 
 
-def training_family(family: str, sigma_data: float = 0.5) -> Family:
-    """The model family a training run preconditions with: "edm", "vp" (continuous VP, also
-    spelled "continuous_vp") or "ve" (positional VE)."""
+def training_family(family: str, sigma_data: float = 0.5, scheduler_config: dict[str, Any] | None = None) -> Family:
+    """The model family a training run preconditions with: "edm" (prediction_type from
+    ``scheduler_config`` when given), "vp" (continuous VP, also spelled "continuous_vp"), "ve"
+    (positional VE) or "ddpm" (the discrete VP family ``scheduler_config`` describes, through
+    `family_from_scheduler_config`)."""
     name = _FAMILY_ALIASES.get(family, family)
     if name not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES} (or 'continuous_vp'), got {family!r}")
+        raise ValueError(f"family must be one of {FAMILIES} (or {sorted(_FAMILY_ALIASES)}), got {family!r}")
+    if name == "ddpm":
+        if not scheduler_config:  # DDPMScheduler's defaults
+            return DiscreteVP.from_betas(betas_from_config())
+        discrete = family_from_scheduler_config(scheduler_config)
+        if not isinstance(discrete, DiscreteVP):
+            raise ValueError(f"family 'ddpm' needs a DDPM-family scheduler config, got one of a {discrete.name!r} model")
+        return discrete
     if name == "edm":
-        return EDM(sigma_data)
+        return EDM(sigma_data, prediction_type=(scheduler_config or {}).get("prediction_type", "epsilon"))
     if name == "vp":
         return ContinuousVP()
     return VE(0.02, 100.0, time_input="positional")
@@ -135,13 +146,16 @@ def precondition(
     sigma_data: float = 0.5,
     augment_dim: int = 0,
     undo_fourier_division: bool = False,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> PreconditionedDenoiser:
-    """Wrap a diffusers UNet as the core denoiser of ``family`` ("edm", "vp" = continuous VP, or "ve").
+    """Wrap a diffusers UNet as the core denoiser of ``family``: "edm", "vp" (continuous VP),
+    "ve", or "ddpm" (discrete VP: the betas and prediction_type of ``scheduler_config``, a
+    diffusers DDPM-family scheduler config; DDPMScheduler's defaults when None).
 
     The result is a core `PreconditionedDenoiser` whose ``net`` is a :class:`UNetNet`; call it
     as ``D(x, sigma, class_labels=..., encoder_hidden_states=..., augment_labels=...)``.
     """
-    family_object = training_family(family, sigma_data)
+    family_object = training_family(family, sigma_data, scheduler_config)
     net = UNetNet(unet, augment_dim=augment_dim, undo_fourier=undo_fourier_division)
     return PreconditionedDenoiser(net, family_object)
 

@@ -1,23 +1,27 @@
-"""The EDM training loop on accelerate (EDM_SPEC.md section 3).
+"""The EDM training loop on accelerate (EDM_SPEC.md section 3): from scratch or fine-tuning.
 
 One optimizer step = ``batch_size`` images, split over processes and gradient-accumulation
 rounds; ``accelerate launch`` runs the same code on one or many GPUs / nodes, accelerate
 being the only distributed engine. Per step:
 
 1. the global batch is a pure function of (seed, step): `data.batch_indices`; each process
-   takes its slice. Every random draw of the step (augmentation, sigma, noise, dropout)
-   comes from generators seeded from (seed, step, process, round), so a resumed run draws
-   exactly what an uninterrupted one would.
-2. optional non-leaky augmentation, then the loss of `losses.py` on the preconditioned
-   UNet of `preconditioning.py`;
-3. non-finite gradients: the step is skipped and counted (fp16 leaves that to the
-   gradient scaler, which also lowers its scale);
-4. learning rate = lr * min(images seen / warm-up images, 1); Adam step;
-5. EMA with a half-life in images and a ramp-up (`ema.py`).
+   takes its slice (`batches.BatchFeed`: in memory, streamed by a DataLoader, or from the
+   latent cache). Every random draw of the step (flips, VAE posterior sample, caption
+   dropout, augmentation, sigma, noise, dropout) comes from generators seeded from
+   (seed, step, process, round), so a resumed run draws exactly what an uninterrupted one
+   would;
+2. latent models: images -> VAE latents (``scaling_factor``), captions -> the frozen text
+   encoder; optional non-leaky augmentation for pixel models;
+3. the loss (`losses.py`) on the preconditioned UNet: a new UNet in the recipe's family, or
+   a pretrained one in its own family (`pretrained.py`);
+4. gradient clipping (``max_grad_norm``); non-finite gradients: the step is skipped and
+   counted (fp16 leaves that to the gradient scaler, which also lowers its scale);
+5. learning rate = lr * min(images seen / warm-up images, 1); Adam step;
+6. EMA with a half-life in images and a ramp-up (`ema.py`).
 
 Checkpoints (`checkpoint.py`) hold model, EMA, optimizer, step and RNG states in one
-safetensors file written atomically. The run ends by exporting the EMA UNet as a diffusers
-pipeline folder (`export.py`) and writing a sample grid.
+safetensors file written atomically; each is followed by a sample grid from fixed seeds. The
+run ends by exporting the EMA UNet as a diffusers pipeline folder (`export.py`).
 """
 
 from __future__ import annotations
@@ -28,21 +32,25 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .augment import AUGMENT_DIM, GeometricAugment
+from .batches import BatchFeed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .data import ImageDataset, batch_indices, load_dataset
+from .config import RESUME_FIELDS, TrainConfig, parse_resolution
+from .data import ImageDataset, load_builtin_digits
 from .ema import ema_beta, ema_update
-from .config import RESUME_FIELDS, TrainConfig
-from .losses import SigmaBucketLog, make_loss
+from .losses import FamilyLoss, SigmaBucketLog, denoising_loss, make_loss
 from .preconditioning import precondition
+from .sources import collate_images
 
 PIPELINE_DIR = "pipeline"
 SAMPLES_NAME = "samples.png"
+SAMPLES_DIR = "samples"
 LOG_NAME = "log.jsonl"
+DIGITS_RESOLUTION = 16
 
 
 def check_output_dir(config: TrainConfig) -> Path:
@@ -62,8 +70,8 @@ def check_output_dir(config: TrainConfig) -> Path:
     return out
 
 
-def build_unet(config: TrainConfig, channels: int, resolution: int, num_classes: int):
-    """A small diffusers UNet2DModel for ``resolution`` images (positional time embedding)."""
+def build_unet(config: TrainConfig, channels: int, resolution: int | tuple[int, int], num_classes: int):
+    """A small diffusers UNet2DModel for ``resolution`` (S or (H, W)) images (positional time embedding)."""
     from diffusers import UNet2DModel
 
     n = len(config.block_out_channels)
@@ -71,10 +79,11 @@ def build_unet(config: TrainConfig, channels: int, resolution: int, num_classes:
     up = ["UpBlock2D"] * n
     if config.attention and n > 1:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    if resolution % (2 ** (n - 1)) != 0:
-        raise ValueError(f"resolution {resolution} must be divisible by 2^(len(block_out_channels)-1) = {2 ** (n - 1)}")
+    size = parse_resolution(resolution)
+    if any(side % (2 ** (n - 1)) for side in size):
+        raise ValueError(f"--resolution {size[0]}x{size[1]} must be divisible by 2^(len(block_out_channels)-1) = {2 ** (n - 1)}")
     return UNet2DModel(
-        sample_size=resolution,
+        sample_size=size[0] if size[0] == size[1] else size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=tuple(config.block_out_channels),
@@ -109,67 +118,251 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class Batch(NamedTuple):
+    """One micro-batch, every random draw made: clean data y (pixels or latents), sigma, noise."""
+
+    y: torch.Tensor
+    sigma: torch.Tensor
+    noise: torch.Tensor
+    model_kwargs: dict[str, Any]
+    failed: list[str]
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """Classifier-free guidance in D space: D_u + w (D_c - D_u), one call on a doubled batch.
+    D is affine in the network output, so this equals guidance on epsilon / v / F."""
+
+    def __init__(self, denoiser: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
+        super().__init__()
+        self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, scale
+        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+        self.round_sigma = denoiser.round_sigma
+
+    def forward(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             encoder_hidden_states=torch.cat([self.uncond, self.cond]))
+        uncond, cond = both.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
 class Trainer:
-    """Holds the model, EMA, optimizer and data of one run; :meth:`run` trains it."""
+    """Holds the model, EMA, optimizer and data of one run; :meth:`run` trains it.
+
+    Everything a user gave is checked before anything is written: the pretrained folder, the
+    data, the columns, the resolution, the output folder.
+    """
 
     def __init__(self, config: TrainConfig, dataset: ImageDataset | None = None):
         config.validate()
         self.config = config
         self.output_dir = check_output_dir(config)
-        self.dataset = dataset if dataset is not None else load_dataset(config.data, config.resolution)
-        self.loss_fn = make_loss(config.loss, **({"sigma_data": config.sigma_data} if config.loss == "edm" else {}))
+        self.pretrained = None
+        if config.pretrained:
+            from .pretrained import check_pretrained
+
+            self.pretrained = check_pretrained(config.pretrained, config.scheduler_config)
+        self.latent = self.pretrained is not None and self.pretrained.latent
+        self.text_conditioned = self.pretrained is not None and self.pretrained.text_conditioned
+        if self.latent and config.augment_p > 0:
+            raise ValueError("--augment-p: geometric augmentation is for pixel models; this model is latent")
+        self._open_data(dataset)
 
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        processes = self.accelerator.num_processes
+        self.accelerator = acc = Accelerator(mixed_precision=config.mixed_precision)
+        processes = acc.num_processes
         if config.batch_size % (processes * config.grad_accum) != 0:
             raise ValueError(
                 f"batch_size ({config.batch_size}) must be divisible by processes x grad_accum "
                 f"({processes} x {config.grad_accum})"
             )
         self.micro_batch = config.batch_size // (processes * config.grad_accum)
-
-        num_classes = self.dataset.num_classes if config.class_conditional else 0
-        if config.class_conditional and num_classes < 1:
-            raise ValueError("class_conditional needs a dataset with class subfolders (or the built-in digits)")
-        torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-        unet = build_unet(config, self.dataset.channels, self.dataset.images.shape[-1], num_classes)
         self.augment = GeometricAugment(p=config.augment_p) if config.augment_p > 0 else None
-        denoiser = precondition(unet, config.loss, sigma_data=config.sigma_data,
-                                augment_dim=AUGMENT_DIM if self.augment else 0)
+        augment_dim = AUGMENT_DIM if self.augment else 0
+        frozen_dtype = None
+        if acc.device.type == "cuda" and config.mixed_precision != "no":
+            frozen_dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+
+        self.codec = self.text = None
+        if self.pretrained is not None:
+            from .latents import LatentCodec, TextConditioner
+            from .pretrained import load_component, load_unet, pretrained_denoiser
+
+            unet = load_unet(self.pretrained)
+            denoiser = pretrained_denoiser(self.pretrained, unet, augment_dim)
+            if self.latent:
+                self.codec = LatentCodec(load_component(self.pretrained, "vae"), acc.device, frozen_dtype)
+            if self.text_conditioned:
+                self.text = TextConditioner(load_component(self.pretrained, "tokenizer"),
+                                            load_component(self.pretrained, "text_encoder"), acc.device, frozen_dtype)
+            self.family = self.pretrained.family
+        else:
+            torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
+            unet = build_unet(config, self.image_shape[0], self.image_shape[1:], self.num_classes)
+            self.family = config.loss
+            denoiser = precondition(unet, config.loss, sigma_data=config.sigma_data, augment_dim=augment_dim)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.sample_shape = self.image_shape
+        if self.codec is not None:
+            h, w = (side // self.codec.scale for side in self.image_shape[1:])
+            self.sample_shape = (self.codec.channels, h, w)
+        if self.family in ("edm", "ddpm"):
+            noise, weighting = config.recipe
+            sigma_data = getattr(denoiser, "sigma_data", config.sigma_data)
+            self.loss_fn = FamilyLoss(denoiser, noise, weighting, config.p_mean, config.p_std, sigma_data)
+        else:
+            self.loss_fn = make_loss(config.loss)
+
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.model, self.optimizer = self.accelerator.prepare(denoiser, optimizer)
-        self.ema.to(self.accelerator.device)
-        self.images = self.dataset.images.to(self.accelerator.device)  # small sets: kept on the device
-        self.labels = self.dataset.labels.to(self.accelerator.device)
+        optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        self.ema.to(acc.device)
+        self.feed = BatchFeed(
+            self.num_items, seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
+            processes=processes, process_index=acc.process_index, device=acc.device,
+            images=self.dataset.images if self.dataset is not None else None, streamed=self.streamed,
+            cached=config.cache_latents and self.latent, num_workers=config.num_workers,
+        )
+        self.labels = self.labels.to(acc.device) if self.labels is not None else None
         self.step = 0
         self.images_seen = 0
         self.skipped_steps = 0
+        self.unreadable: set[str] = set()
         self.buckets = SigmaBucketLog()
         if config.resume:
             self.load(self.output_dir / CHECKPOINT_NAME)
-        elif config.overwrite and self.accelerator.is_main_process:
+        elif config.overwrite and acc.is_main_process:
             for name in (CHECKPOINT_NAME, LOG_NAME, SAMPLES_NAME):
                 if (self.output_dir / name).exists():
                     (self.output_dir / name).unlink()
+        self.cache = self._latent_cache() if config.cache_latents and self.latent else None
+
+    # ---- data ------------------------------------------------------------------------
+    def _open_data(self, dataset: ImageDataset | None) -> None:
+        """Set the data (in memory or streamed), its labels / captions and the image shape."""
+        cfg = self.config
+        size = parse_resolution(cfg.resolution)
+        self.dataset, self.streamed, self.captions = None, None, None
+        builtin = dataset is None and cfg.dataset is None and cfg.data in (None, "digits")
+        if builtin and self.pretrained is not None:
+            raise ValueError("--data: fine-tuning needs your images: give --data FOLDER or --dataset NAME_OR_PATH")
+        if dataset is not None or builtin:
+            if builtin and size is not None and size[0] != size[1]:
+                raise ValueError(f"--resolution: the built-in digits are square, got {size[0]},{size[1]}")
+            if self.text_conditioned:
+                raise ValueError("--data: a text-to-image model needs captions: give --data FOLDER or --dataset with captions")
+            self.dataset = dataset if dataset is not None else load_builtin_digits(size[0] if size else DIGITS_RESOLUTION)
+            if size is not None and dataset is not None and tuple(dataset.images.shape[-2:]) != size:
+                raise ValueError(f"--resolution {size} does not match the in-memory images {tuple(dataset.images.shape[-2:])}")
+            self.image_shape = tuple(self.dataset.images.shape[1:])
+            self.num_items, self.num_classes = len(self.dataset), self.dataset.num_classes if cfg.class_conditional else 0
+            self.labels = self.dataset.labels
+            if cfg.class_conditional and self.num_classes < 1:
+                raise ValueError("--class-conditional needs a dataset with class subfolders (or the built-in digits)")
+            self.scan_skipped: list[tuple[str, str]] = []
+            return
+        from .sources import StreamedImages, open_source, source_mode, source_resolution
+
+        source = open_source(cfg.data, cfg.dataset, cfg.image_column, cfg.caption_column)
+        if self.pretrained is not None:
+            size = size or self.pretrained.default_resolution()
+            self.pretrained.check_resolution(size)
+            channels = self.pretrained.unet_config.get("in_channels", 3) if not self.latent else 3
+            mode = "L" if channels == 1 else "RGB"
+            self.num_classes = self.pretrained.num_classes
+        else:
+            size = size or source_resolution(source)
+            mode = source_mode(source)
+            self.num_classes = len(source.class_names) if cfg.class_conditional else 0
+            if cfg.class_conditional and self.num_classes < 1:
+                raise ValueError("--class-conditional needs class subfolders in --data (or a 'label' column in --dataset)")
+        if self.num_classes and source.labels is None:
+            raise ValueError("--data: the model is class-conditional but the data has no class subfolders / 'label' column")
+        if self.text_conditioned:
+            if source.captions is None:
+                raise ValueError(source.caption_error + "; a text-to-image model needs captions")
+            self.captions = source.captions
+        self.labels = torch.tensor(source.labels, dtype=torch.long) if source.labels is not None else None
+        self.streamed = StreamedImages(source, size, mode)
+        self.image_shape = (1 if mode == "L" else 3, *size)
+        self.num_items = len(source)
+        self.scan_skipped = list(source.report.skipped)
+
+    def _latent_cache(self):
+        """Open (building it first if needed) the latent cache of ``--cache-latents``."""
+        import os
+
+        from .latents import CACHE_DIR, LatentCache
+
+        cfg, acc = self.config, self.accelerator
+        items: Any
+        if hasattr(self.streamed.source, "files"):
+            items = [(self.streamed.source.name(i), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                     for i, p in enumerate(self.streamed.source.files)]
+        else:
+            items = getattr(self.streamed.source.data, "_fingerprint", None)
+        key = {"pretrained": str(Path(cfg.pretrained).resolve()), "vae": self.pretrained.component("vae"),
+               "vae_config": (self.pretrained.root / "vae" / "config.json").read_text(),
+               "resolution": list(self.image_shape[1:]), "flip": cfg.random_flip, "items": items}
+        cache = LatentCache(self.output_dir / CACHE_DIR, key)
+        if acc.is_main_process and not cache.valid():
+            def batches():
+                loader = torch.utils.data.DataLoader(
+                    self.streamed, batch_size=self.micro_batch, shuffle=False,
+                    num_workers=cfg.num_workers, collate_fn=collate_images)
+                for batch in loader:
+                    yield {**batch, "images": batch["images"].to(acc.device)}
+
+            cache.build(batches, self.codec, self.num_items, cfg.random_flip, progress=cfg.progress)
+        acc.wait_for_everyone()
+        cache.open()
+        self.unreadable.update(cache.failed)
+        return cache
 
     # ---- one step -------------------------------------------------------------------
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _micro_batch(self, round_: int) -> dict[str, torch.Tensor]:
+    def prepare_batch(self, step: int, round_: int) -> Batch:
+        """Micro-batch ``round_`` of step ``step`` with every random draw made (see module docstring).
+
+        Draw order from the step's generator: flips, latent sample, caption dropout,
+        augmentation, sigma, noise.
+        """
         cfg, acc = self.config, self.accelerator
-        indices = batch_indices(len(self.dataset), cfg.seed, self.step, cfg.batch_size, acc.device)
-        per_round = self.micro_batch * acc.num_processes
-        chunk = indices[round_ * per_round : (round_ + 1) * per_round]
-        mine = chunk[acc.process_index * self.micro_batch : (acc.process_index + 1) * self.micro_batch]
-        batch = {"images": self.images[mine]}
-        if cfg.class_conditional:
-            batch["class_labels"] = self.labels[mine]
-        return batch
+        seed = step_seed(cfg.seed, step, acc.process_index, round_)
+        torch.manual_seed(seed)  # dropout and anything else on the global generator
+        generator = torch.Generator(device=acc.device).manual_seed(seed)
+        raw = self.feed.fetch(step, round_)
+        index = raw["index"]
+        flips = None
+        if cfg.random_flip:
+            flips = torch.rand(index.shape[0], generator=generator, device=acc.device) < 0.5
+        if self.cache is not None:
+            y = self.codec.sample(self.cache.moments(index, flips).to(acc.device), generator)
+        else:
+            y = raw["images"]
+            if flips is not None:
+                y = torch.where(flips.reshape(-1, 1, 1, 1), y.flip(-1), y)
+            if self.codec is not None:
+                y = self.codec.sample(self.codec.moments(y), generator)
+        kwargs: dict[str, Any] = {}
+        if self.num_classes:
+            kwargs["class_labels"] = self.labels[index]
+        if self.text is not None:
+            captions = [self.captions[i] for i in index.tolist()]
+            if cfg.caption_dropout > 0:
+                drop = (torch.rand(len(captions), generator=generator, device=acc.device) < cfg.caption_dropout).tolist()
+                captions = ["" if d else c for c, d in zip(captions, drop)]
+            kwargs["encoder_hidden_states"] = self.text(captions).to(y.dtype)
+        if self.augment is not None:
+            y, kwargs["augment_labels"] = self.augment(y, generator)
+        sigma = self.loss_fn.sample_sigma(y.shape[0], generator, y.device)
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return Batch(y, sigma, noise, kwargs, raw["failed"])
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``batch_size`` images.
@@ -182,31 +375,31 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=acc.device)
         for round_ in range(cfg.grad_accum):
-            seed = step_seed(cfg.seed, self.step, acc.process_index, round_)
-            torch.manual_seed(seed)  # dropout and anything else on the global generator
-            generator = torch.Generator(device=acc.device).manual_seed(seed)
-            batch = self._micro_batch(round_)
-            images = batch.pop("images")
-            if self.augment is not None:
-                images, batch["augment_labels"] = self.augment(images, generator)
+            batch = self.prepare_batch(self.step, round_)
+            self._report_unreadable(batch.failed)
             last = round_ == cfg.grad_accum - 1
             context = acc.no_sync(self.model) if not last else _null_context()
             with context:
-                out = self.loss_fn(self.model, images, generator, **batch)
+                out = denoising_loss(self.model, batch.y, batch.sigma, batch.noise, self.loss_fn.weight(batch.sigma),
+                                     batch.model_kwargs)
                 loss = out.loss.mean() / cfg.grad_accum
                 acc.backward(loss)
             self.buckets.add(out.loss, out.sigma)
             total += loss.detach().float()
 
-        lr = cfg.lr * min((self.images_seen + cfg.batch_size) / max(cfg.lr_warmup_images, 1), 1.0)
+        lr = cfg.learning_rate * min((self.images_seen + cfg.batch_size) / max(cfg.lr_warmup_images, 1), 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        norms = None
+        if cfg.max_grad_norm is not None:  # fp16: accelerate unscales first
+            norms = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm).reshape(1)
         if cfg.mixed_precision == "fp16":
             self.optimizer.step()
             skipped = bool(acc.optimizer_step_was_skipped)
         else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            skipped = not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())  # one sync
+            if norms is None:
+                norms = torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters() if p.grad is not None]))
+            skipped = not bool(norms.isfinite().all())  # one sync
             if not skipped:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,6 +411,15 @@ class Trainer:
             beta = ema_beta(cfg.batch_size, cfg.ema_halflife_images, self.images_seen, cfg.ema_rampup_ratio)
             ema_update(self.ema, self.unwrapped, beta)
         return {"loss": total, "lr": lr, "skipped": skipped}
+
+    def _report_unreadable(self, names: list[str]) -> None:
+        new = [n for n in names if n not in self.unreadable]
+        if new:
+            from tqdm.auto import tqdm
+
+            self.unreadable.update(new)
+            for name in new:
+                tqdm.write(f"skipped an unreadable image: {name}")
 
     # ---- checkpoints -----------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -271,17 +473,20 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train until ``config.steps``, checkpointing, then export and write the sample grid."""
+        """Train until ``config.steps``, checkpointing (with a sample grid), then export."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        start_time = time.perf_counter()
+            for name, why in self.scan_skipped:
+                print(f"skipped an unreadable image: {name} ({why})")
+        start_time, start_step = time.perf_counter(), self.step
         history: list[dict[str, Any]] = []
         last_loss = math.nan
         running, count = torch.zeros((), device=acc.device), 0
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train",
+                   unit="step")
         while self.step < cfg.steps:
             info = self.train_step()
             running, count = running + info["loss"], count + 1
@@ -290,33 +495,40 @@ class Trainer:
                 if acc.num_processes > 1:
                     running = acc.reduce(running, reduction="mean")  # sigma buckets stay per process
                 last_loss = float(running) / count
+                seconds = time.perf_counter() - start_time
                 record = {
                     "step": self.step, "images": self.images_seen, "loss": last_loss, "lr": info["lr"],
-                    "skipped_steps": self.skipped_steps, "seconds": time.perf_counter() - start_time,
+                    "skipped_steps": self.skipped_steps, "seconds": seconds,
+                    "images_per_second": (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9),
+                    "unreadable_images": len(self.scan_skipped) + len(self.unreadable),
                     "loss_by_sigma": self.buckets.means(),
                 }
                 history.append(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
                 if acc.is_main_process:
                     with open(self.output_dir / LOG_NAME, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 running, count = torch.zeros((), device=acc.device), 0
                 self.buckets.reset()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
                 self.save()
+                if cfg.num_samples and acc.is_main_process:
+                    self.write_sample_grid(self.output_dir / SAMPLES_DIR / f"step-{self.step:07d}.png")
         bar.close()
-        if self.step % cfg.checkpoint_every != 0 and self.step != cfg.steps:
+        self.feed.close()
+        if start_step == self.step or self.step == cfg.steps:
             self.save()
         seconds = time.perf_counter() - start_time
         result = TrainResult(str(self.output_dir), self.step, self.images_seen, self.skipped_steps, last_loss, seconds,
                              history=history)
         if acc.is_main_process:
-            if cfg.export and cfg.loss != "edm":
-                print(f"not exporting: EDMScheduler pipelines need the EDM preconditioning, this run used {cfg.loss!r}")
+            if cfg.export and self.family not in ("edm", "ddpm"):
+                print(f"not exporting: EDMScheduler pipelines need the EDM or DDPM preconditioning, this run used {cfg.loss!r}")
             elif cfg.export:
                 from .export import export_pipeline
 
-                result.pipeline_dir = str(export_pipeline(self, self.output_dir / PIPELINE_DIR, overwrite=True))
+                result.pipeline_dir = str(export_pipeline(self, self.output_dir / PIPELINE_DIR, overwrite=True,
+                                                          scheduler=cfg.export_scheduler))
             if cfg.num_samples:
                 result.samples_path = str(self.write_sample_grid(self.output_dir / SAMPLES_NAME))
         acc.wait_for_everyone()
@@ -325,27 +537,34 @@ class Trainer:
     # ---- samples ---------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, num: int, seed: int = 0, use_ema: bool = True, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``num`` samples in [-1, 1] with the EDM Heun sampler (zero augmentation vector)."""
+        """``num`` images in [-1, 1] with the EDM Heun sampler from fixed seeds (zero augmentation
+        vector; text models: the first captions of the data, with classifier-free guidance)."""
         from edm_sampling.samplers import denoiser_sigmas, sample
 
+        device = self.accelerator.device
         denoiser = self.ema if use_ema else self.unwrapped
         denoiser.eval()
-        shape = (num, self.dataset.channels, *self.dataset.images.shape[-2:])
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        latents = torch.randn(shape, generator=generator).to(self.accelerator.device)
+        latents = torch.randn((num, *self.sample_shape), generator=generator).to(device)
         kwargs: dict[str, Any] = {}
-        if self.config.class_conditional:
-            labels = class_labels if class_labels is not None else torch.arange(num) % self.dataset.num_classes
-            kwargs["class_labels"] = labels.to(self.accelerator.device)
+        if self.num_classes:
+            labels = class_labels if class_labels is not None else torch.arange(num) % self.num_classes
+            kwargs["class_labels"] = labels.to(device)
+        if self.text is not None:
+            captions = [self.captions[i % len(self.captions)] for i in range(num)]
+            denoiser = GuidedDenoiser(denoiser, self.text(captions).float(), self.text([""] * num).float(),
+                                      self.config.guidance_scale)
         sigmas = denoiser_sigmas(denoiser, self.config.sample_steps)
-        out = sample(denoiser, latents, sigmas, model_kwargs=kwargs)
-        return out.sample.clamp(-1, 1).cpu()
+        out = sample(denoiser, latents, sigmas, model_kwargs=kwargs).sample
+        if self.codec is not None:
+            return self.codec.decode(out).cpu()
+        return out.clamp(-1, 1).cpu()
 
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
         from edm_sampling.images import save_image_grid
 
         images = self.generate(self.config.num_samples, seed=seed)
-        return save_image_grid(images, path, max_images=None, scale=4, pad_value=-1.0)
+        return save_image_grid(images, path, max_images=None, scale=4 if images.shape[-1] <= 32 else 1, pad_value=-1.0)
 
 
 class _null_context:

@@ -30,6 +30,8 @@ _EXPORTS = {
     "VEDenoiser": "denoisers",
     "EDMDenoiser": "denoisers",
     "GaussianOracle": "oracles",
+    "GaussianMixtureOracle": "oracles",
+    "solve_probability_flow_ode": "oracles",
     "FiniteDataOracle": "oracles",
     "builtin_oracle": "oracles",
     "OracleUNet2DModel": "oracle_unet",

@@ -1,4 +1,4 @@
-"""The `edm-sampling` command: `bench` (the main job), `tune`, `train` and `demo`.
+"""The `edm-sampling` command: `bench` (the main job), `tune` and `train`.
 
 Each subcommand lives beside the code it drives and registers itself through a
 `register(subparsers)` function; this module only dispatches, so that `--help` stays fast.

@@ -23,7 +23,7 @@ from edm_sampling.evaluation.samplers_registry import SAMPLERS
 def _row(sampler, family, nfe, error, fd, stochastic=False, nfe_measured=None, mismatch=math.nan):
     return {"sampler": sampler, "family": family, "stochastic": stochastic, "nfe_target": nfe,
             "nfe": nfe if nfe_measured is None else nfe_measured, "error_median": error, "error_mean": error,
-            "mode_mismatch": mismatch, "fd": fd}
+            "mode_mismatch": mismatch, "fd": fd, "num_samples": 256}
 
 
 ROWS = [
@@ -64,6 +64,7 @@ def test_report_explains_missing_values_and_gives_the_fd_of_true_data_with_its_n
     assert "(n): the measured NFE" in text
     assert "FD of 256 true data draws" in text and "0.39 +- 0.1 (mean +- std over 5 draws)" in text
     assert "note: Frechet distance skipped" in text
+    assert "uncertain by +- sqrt(p (1 - p) / 256) (2% +- 0.9%)" in text
 
 
 def test_every_sampler_gets_its_own_colour_and_marker():

@@ -181,11 +181,14 @@ def format_report(result: dict) -> str:
         legend.append(f"{STOCHASTIC_MARK}: a stochastic sampler has no single ODE solution to compare with (FD only)")
     if any(r.get("nfe") != r["nfe_target"] for r in rows):
         legend.append("(n): the measured NFE where a sampler cannot make exactly the target (Heun-type: 2N - 1 calls)")
-    if any(float(r["error_median"]) == 0 for r in rows):
-        legend.append("error 0: at least half the samples equal their reference to float precision (the ideal denoiser "
-                      "of a finite dataset snaps onto data points): the mode table tells these samplers apart")
+    if any(float(r["error_median"]) < 1e-6 for r in rows):
+        legend.append("error below 1e-6: at least half the samples equal their reference within its accuracy (the ideal "
+                      "denoiser of a finite dataset snaps onto training images): the mode table tells these samplers apart")
     if meta.get("has_modes"):
-        legend.append("mode: the mixture component (most likely at noise 0.2) or the nearest training image of a sample")
+        n = max(int(r.get("num_samples", 0)) for r in rows)
+        legend.append("mode: the mixture component (most likely at noise 0.2) or the nearest training image of a sample; "
+                      f"a fraction p of {n} samples is uncertain by +- sqrt(p (1 - p) / {n}) "
+                      f"(2% +- {100 * math.sqrt(0.02 * 0.98 / max(n, 1)):.1f}%)")
     check = meta.get("ode_reference_check")
     if check:
         text = (f"reference accuracy: {check['steps']} vs {check['steps'] // 2} Heun steps differ by at most "

@@ -258,6 +258,9 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
                      "(a folder of images or an .npz with mu and sigma)")
     if config.reference_steps == 0:
         notes.append("ODE error skipped: --reference-steps 0")
+    elif model.exact_solution is not None and config.reference_steps != SweepConfig.reference_steps:
+        notes.append(f"--reference-steps {config.reference_steps} ignored: {config.model} has an exact reference "
+                     f"({model.ode_reference})")
     for nfe in nfes:
         short = [f"{s.name} ({s.nfe_for_steps(s.steps_for_nfe(nfe))})" for s in specs
                  if s.nfe_for_steps(s.steps_for_nfe(nfe)) != nfe]

@@ -1,7 +1,7 @@
 """EDM sampling and training (Karras et al. 2022) for the diffusers ecosystem.
 
 `import edm_sampling` is light: the names below load their module on first use. The core
-(`schedules`, `samplers`, `denoisers`, `oracles`) needs torch only; `schedulers`, `pipelines`
+(`schedules`, `samplers`, `families`, `denoisers`, `oracles`) needs torch only; `schedulers`, `pipelines`
 and `oracle_unet` use diffusers.
 """
 
@@ -29,6 +29,9 @@ _EXPORTS = {
     "ContinuousVPDenoiser": "denoisers",
     "VEDenoiser": "denoisers",
     "EDMDenoiser": "denoisers",
+    "FlowDenoiser": "denoisers",
+    "PreconditionedDenoiser": "denoisers",
+    "family_from_scheduler_config": "families",
     "GaussianOracle": "oracles",
     "GaussianMixtureOracle": "oracles",
     "solve_probability_flow_ode": "oracles",

@@ -1,106 +1,52 @@
-"""Any diffusion model as one denoiser D(x; sigma) (EDM paper, Table 1 and appendix B).
+"""Any diffusion model as one denoiser D(x; sigma): a network plus its model family.
 
     D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))
 
-The coefficient functions below are the one place each family's c_skip / c_out / c_in /
-c_noise is written; the samplers, the diffusers schedulers and the training losses all call
-them. Networks are any callables `net(x, timestep, **model_kwargs)` returning a tensor, a tuple
-whose first item is the tensor, or an object with `.sample` (diffusers' UNet outputs).
-Nothing here imports diffusers.
+The family (`edm_sampling.families`) holds every formula: c_skip / c_out / c_in, the network's
+time input and output convention, the supported range and round_sigma. This module only runs
+the network: `PreconditionedDenoiser(net, family)` is D for any family, and the named adapters
+(`DiscreteVPDenoiser`, `ContinuousVPDenoiser`, `VEDenoiser`, `EDMDenoiser`, `FlowDenoiser`) build
+it from their usual arguments. Networks are any callables `net(x, timestep, **model_kwargs)`
+returning a tensor, a tuple whose first item is the tensor, or an object with `.sample`
+(diffusers' UNet outputs). Nothing here imports diffusers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .schedules import (
-    VP_BETA_D,
-    VP_BETA_MIN,
-    alphas_cumprod_from_betas,
-    alphas_cumprod_to_sigmas,
-    betas_from_config,
-    sigma_to_timestep,
-    snap_sigma,
-    vp_sigma,
-    vp_sigma_inv,
+from .families import (  # noqa: F401  (the coefficient functions are part of this module's API)
+    EDM,
+    EDM_PREDICTION_TYPES,
+    PREDICTION_TYPES,
+    TIMESTEP_MAPPINGS,
+    VE,
+    Coefficients,
+    ContinuousVP,
+    DiscreteVP,
+    Family,
+    FlowMatching,
+    check_prediction_type,
+    edm_c_noise,
+    edm_coefficients,
+    family_from_scheduler_config,
+    flow_coefficients,
+    undo_fourier_division,
+    ve_c_noise,
+    ve_coefficients,
+    vp_c_noise,
+    vp_coefficients,
 )
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_MAPPINGS = ("interpolate", "round")
-
-
-class Coefficients(NamedTuple):
-    """The preconditioning of Table 1: D = c_skip x + c_out F(c_in x; c_noise)."""
-
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    c_in: torch.Tensor
-
-
-def check_prediction_type(prediction_type: str) -> None:
-    """Raise a ValueError naming the allowed values for an unknown prediction_type."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def vp_coefficients(sigma: torch.Tensor, prediction_type: str = "epsilon") -> Coefficients:
-    """A VP (DDPM-family) network in EDM form, with x_vp = x / sqrt(sigma^2 + 1):
-
-    epsilon:      D = x - sigma eps                                 (1, -sigma, 1/sqrt(sigma^2+1))
-    v_prediction: D = x/(sigma^2+1) - sigma/sqrt(sigma^2+1) v       (1/(sigma^2+1), -sigma/sqrt(sigma^2+1), ...)
-    sample:       D = F                                             (0, 1, ...)
-    """
-    check_prediction_type(prediction_type)
-    c_in = torch.rsqrt(sigma**2 + 1)
-    if prediction_type == "epsilon":
-        return Coefficients(torch.ones_like(sigma), -sigma, c_in)
-    if prediction_type == "v_prediction":
-        return Coefficients(c_in**2, -sigma * c_in, c_in)
-    return Coefficients(torch.zeros_like(sigma), torch.ones_like(sigma), c_in)
-
-
-def ve_coefficients(sigma: torch.Tensor) -> Coefficients:
-    """VE (NCSN++): c_skip = 1, c_out = sigma, c_in = 1."""
-    return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma))
-
-
-def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5) -> Coefficients:
-    """EDM: c_skip = sigma_d^2/(sigma^2+sigma_d^2), c_out = sigma sigma_d/sqrt(sigma^2+sigma_d^2),
-    c_in = 1/sqrt(sigma^2+sigma_d^2); unit variance for the network's input and target."""
-    c_in = torch.rsqrt(sigma**2 + sigma_data**2)
-    return Coefficients(sigma_data**2 * c_in**2, sigma * sigma_data * c_in, c_in)
-
-
-def edm_c_noise(sigma: torch.Tensor) -> torch.Tensor:
-    """EDM's noise conditioning c_noise = ln(sigma) / 4."""
-    return torch.log(sigma) / 4
-
-
-def ve_c_noise(sigma: torch.Tensor) -> torch.Tensor:
-    """VE's noise conditioning c_noise = ln(sigma / 2) (Table 1)."""
-    return torch.log(sigma / 2)
-
-
-def vp_c_noise(
-    sigma: torch.Tensor, num_train_timesteps: int = 1000, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN
-) -> torch.Tensor:
-    """Continuous VP's noise conditioning c_noise = (M - 1) sigma_VP^-1(sigma)."""
-    return ((num_train_timesteps - 1) * vp_sigma_inv(sigma, beta_d, beta_min)).to(sigma.dtype)
+from .schedules import VP_BETA_D, VP_BETA_MIN
 
 
 def denoised_from_output(x: torch.Tensor, output: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
     """D = c_skip x + c_out F."""
     return coefficients.c_skip * x + coefficients.c_out * output
-
-
-def undo_fourier_division(output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """diffusers' UNet2DModel(time_embedding_type="fourier") divides its output by its timestep
-    (sigma); multiplying back gives the F of Table 1, so that D = x + sigma F = x + sigma^2 output."""
-    return output * sigma
 
 
 def network_output(result: Any) -> torch.Tensor:
@@ -160,25 +106,43 @@ class Denoiser(nn.Module):
 
 
 class PreconditionedDenoiser(Denoiser):
-    """The Table 1 template around a network: subclasses give `coefficients` and `net_timestep`.
+    """D(x; sigma) of a network of any model family: the family gives the coefficients, the
+    network's time input and output convention, the range and round_sigma.
 
     The network may run in float16 / bfloat16: its input is cast to its dtype, the coefficients
     are computed in at least float32, and D is returned in x's dtype.
     """
 
-    def __init__(self, net: Callable[..., Any] | None):
+    def __init__(self, net: Callable[..., Any] | None, family: Family):
         super().__init__()
-        self.net = net  # None: the adapter serves as its family's maps only (as EDMScheduler uses it)
+        self.net = net
+        self.family = family
 
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:  # pragma: no cover
-        raise NotImplementedError
+    @classmethod
+    def from_scheduler_config(cls, net: Callable[..., Any], config: Mapping[str, Any]) -> "PreconditionedDenoiser":
+        """The denoiser of `net` for the family any diffusers scheduler config describes."""
+        return PreconditionedDenoiser(net, family_from_scheduler_config(config))
 
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @property
+    def sigma_min(self) -> float:  # type: ignore[override]
+        return self.family.sigma_min
+
+    @property
+    def sigma_max(self) -> float:  # type: ignore[override]
+        return self.family.sigma_max
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.family.round_sigma(sigma)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        return self.family.coefficients(sigma)
+
+    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.family.net_time(sigma)
 
     def net_output(self, output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """F from the network's raw output (a hook for networks that rescale their output)."""
-        return output
+        """F from the network's raw output (the family's convention)."""
+        return self.family.net_output(output, sigma)
 
     def forward(self, x: torch.Tensor, sigma: Any, **model_kwargs: Any) -> torch.Tensor:
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -197,13 +161,9 @@ class PreconditionedDenoiser(Denoiser):
 
 
 class DiscreteVPDenoiser(PreconditionedDenoiser):
-    """A DDPM / DDIM / Stable Diffusion network trained on discrete timesteps j with
-    alphas_cumprod abar_j: sigma_j = sqrt((1 - abar_j)/abar_j).
-
-    The network sees timestep t(sigma): fractional by log-sigma interpolation ("interpolate"),
-    or the nearest trained level ("round", the paper's iDDPM rule, with round_sigma snapping
-    every sigma to a trained level so the ODE is solved at the levels the model saw).
-    """
+    """A DDPM / DDIM / Stable Diffusion network trained on discrete timesteps with
+    `alphas_cumprod` (family `DiscreteVP`: epsilon / v / sample output; timestep_mapping
+    "interpolate" or the paper's iDDPM "round")."""
 
     def __init__(
         self,
@@ -212,55 +172,33 @@ class DiscreteVPDenoiser(PreconditionedDenoiser):
         prediction_type: str = "epsilon",
         timestep_mapping: str = "interpolate",
     ):
-        super().__init__(net)
-        check_prediction_type(prediction_type)
-        if timestep_mapping not in TIMESTEP_MAPPINGS:
-            raise ValueError(f"timestep_mapping must be one of {TIMESTEP_MAPPINGS}, got {timestep_mapping!r}")
-        self.prediction_type = prediction_type
-        self.timestep_mapping = timestep_mapping
-        self.train_sigmas = alphas_cumprod_to_sigmas(alphas_cumprod)
-        if not bool((self.train_sigmas[1:] > self.train_sigmas[:-1]).all()):
-            raise ValueError("alphas_cumprod must be strictly decreasing in (0, 1)")
-        self.sigma_min = float(self.train_sigmas[0])
-        self.sigma_max = float(self.train_sigmas[-1])
-        self._train_sigmas_by_device: dict[torch.device, torch.Tensor] = {}
+        super().__init__(net, DiscreteVP(alphas_cumprod, prediction_type, timestep_mapping))
 
     @classmethod
     def from_scheduler_config(cls, net: Callable[..., Any], config: Mapping[str, Any], **kwargs: Any) -> "DiscreteVPDenoiser":
-        """From any diffusers DDPM-family scheduler config (betas keys and prediction_type)."""
-        betas = betas_from_config(
-            num_train_timesteps=config.get("num_train_timesteps", 1000),
-            beta_start=config.get("beta_start", 1e-4),
-            beta_end=config.get("beta_end", 0.02),
-            beta_schedule=config.get("beta_schedule", "linear"),
-            trained_betas=config.get("trained_betas"),
-        )
-        kwargs.setdefault("prediction_type", config.get("prediction_type", "epsilon"))
-        return cls(net, alphas_cumprod_from_betas(betas), **kwargs)
+        """From any diffusers DDPM-family scheduler config (betas keys and prediction_type);
+        `prediction_type` / `timestep_mapping` given here override the config's."""
+        family = family_from_scheduler_config(config)
+        if not isinstance(family, DiscreteVP):
+            raise ValueError(f"the scheduler config describes a {family.name!r} model, not a discrete VP (DDPM-family) one")
+        kwargs = {"prediction_type": family.prediction_type, "timestep_mapping": family.timestep_mapping, **kwargs}
+        return cls(net, family.alphas_cumprod, **kwargs)
 
-    def _train_sigmas_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._train_sigmas_by_device:
-            self._train_sigmas_by_device[device] = self.train_sigmas.to(device)
-        return self._train_sigmas_by_device[device]
+    @property
+    def train_sigmas(self) -> torch.Tensor:
+        return self.family.train_sigmas
 
-    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        if self.timestep_mapping == "round":
-            device = sigma.device if isinstance(sigma, torch.Tensor) else torch.device("cpu")
-            snapped = snap_sigma(sigma, self._train_sigmas_on(device))
-            return snapped.to(sigma.dtype) if isinstance(sigma, torch.Tensor) else snapped
-        return sigma
+    @property
+    def prediction_type(self) -> str:
+        return self.family.prediction_type
 
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return vp_coefficients(sigma, self.prediction_type)
-
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        train_sigmas = self._train_sigmas_on(sigma.device)
-        return sigma_to_timestep(sigma.to(torch.float64), train_sigmas, self.timestep_mapping)
+    @property
+    def timestep_mapping(self) -> str:
+        return self.family.timestep_mapping
 
 
 class ContinuousVPDenoiser(PreconditionedDenoiser):
-    """Song et al.'s continuous VP model: c_noise = (M - 1) sigma_VP^-1(sigma), epsilon output,
-    supported on sigma_VP(epsilon_t) .. sigma_VP(1)."""
+    """Song et al.'s continuous VP model (family `ContinuousVP`)."""
 
     def __init__(
         self,
@@ -270,46 +208,22 @@ class ContinuousVPDenoiser(PreconditionedDenoiser):
         num_train_timesteps: int = 1000,
         epsilon_t: float = 1e-5,
     ):
-        super().__init__(net)
-        self.beta_d, self.beta_min, self.num_train_timesteps = beta_d, beta_min, num_train_timesteps
-        self.sigma_min = float(vp_sigma(epsilon_t, beta_d, beta_min))
-        self.sigma_max = float(vp_sigma(1.0, beta_d, beta_min))
-
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return vp_coefficients(sigma, "epsilon")
-
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return vp_c_noise(sigma, self.num_train_timesteps, self.beta_d, self.beta_min)
+        super().__init__(net, ContinuousVP(beta_d, beta_min, num_train_timesteps, epsilon_t))
 
 
 class VEDenoiser(PreconditionedDenoiser):
-    """A diffusers NCSN++ `UNet2DModel(time_embedding_type="fourier")`: its timestep is sigma
-    itself (it takes the log inside) and it divides its output by sigma, so it returns a score:
-    D(x; sigma) = x + sigma^2 output, for data in [0, 1]."""
+    """A VE model (family `VE`). time_input "fourier" (default): a diffusers NCSN++
+    `UNet2DModel(time_embedding_type="fourier")`, which takes sigma as its timestep and returns a
+    score: D(x; sigma) = x + sigma^2 output, for data in [0, 1]. "positional": Table 1's
+    c_noise = ln(sigma / 2)."""
 
-    def __init__(self, net: Callable[..., Any], sigma_min: float = 0.02, sigma_max: float = 100.0):
-        super().__init__(net)
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return ve_coefficients(sigma)
-
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma
-
-    def net_output(self, output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return undo_fourier_division(output, sigma)
-
-
-EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+    def __init__(self, net: Callable[..., Any], sigma_min: float = 0.02, sigma_max: float = 100.0, time_input: str = "fourier"):
+        super().__init__(net, VE(sigma_min, sigma_max, time_input))
 
 
 class EDMDenoiser(PreconditionedDenoiser):
-    """An EDM-preconditioned network: D = c_skip x + c_out F(c_in x; ln(sigma)/4).
-
-    prediction_type "epsilon" is the network F itself; "v_prediction" is a network returning
-    -F (the two conventions of diffusers' EDMEulerScheduler).
-    """
+    """An EDM-preconditioned network (family `EDM`): D = c_skip x + c_out F(c_in x; ln(sigma)/4);
+    prediction_type "v_prediction" is a network returning -F."""
 
     def __init__(
         self,
@@ -319,19 +233,16 @@ class EDMDenoiser(PreconditionedDenoiser):
         sigma_max: float = math.inf,
         prediction_type: str = "epsilon",
     ):
-        super().__init__(net)
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
-        if prediction_type not in EDM_PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {EDM_PREDICTION_TYPES} for EDM models, got {prediction_type!r}")
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
-        self.prediction_type = prediction_type
+        super().__init__(net, EDM(sigma_data, sigma_min, sigma_max, prediction_type))
 
-    def net_output(self, output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return -output if self.prediction_type == "v_prediction" else output
+    @property
+    def sigma_data(self) -> float:
+        return self.family.sigma_data
 
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return edm_coefficients(sigma, self.sigma_data)
 
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return edm_c_noise(sigma)
+class FlowDenoiser(PreconditionedDenoiser):
+    """A flow-matching network predicting the velocity, called as net(x_t, t * M) (family
+    `FlowMatching`): D = x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma)."""
+
+    def __init__(self, net: Callable[..., Any], num_train_timesteps: int = 1000):
+        super().__init__(net, FlowMatching(num_train_timesteps))

@@ -1,5 +1,9 @@
 """Image batches as PNG grids (sample grids of the benchmark and the trainer), optionally as
-titled panels side by side."""
+titled panels side by side.
+
+Files are written atomically (`edm_sampling.safety.atomic_write`): an interrupted or failed
+write leaves the previous file as it was.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from edm_sampling.safety import atomic_write
 
 
 def image_grid(
@@ -40,6 +46,15 @@ def image_grid(
     return np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
 
 
+def _save(image: Any, path: str | os.PathLike) -> Path:
+    """A PIL image written atomically, in the format its suffix names (PNG by default)."""
+    from PIL import Image
+
+    path = Path(path)
+    file_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=file_format))
+
+
 def save_image_grid(
     images: Any,
     path: str | os.PathLike,
@@ -48,15 +63,12 @@ def save_image_grid(
     scale: int | None = None,
     pad_value: float = 1.0,
 ) -> Path:
-    """`image_grid` written as a PNG (grey when the images have one channel)."""
+    """`image_grid` written as an image file (grey when the images have one channel)."""
     from PIL import Image
 
     pixels = image_grid(images, max_images, min_cell, scale, pad_value)
     grey = (images.shape if hasattr(images, "shape") else np.shape(images))[1] == 1
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if grey else pixels).save(path)
-    return path
+    return _save(Image.fromarray(pixels[:, :, 0] if grey else pixels), path)
 
 
 def save_titled_grids(panels: Sequence[tuple[str, Any]], path: str | os.PathLike, title: str = "",
@@ -81,10 +93,7 @@ def save_titled_grids(panels: Sequence[tuple[str, Any]], path: str | os.PathLike
         draw.text((x, top - line), caption, fill="black", font=font)
         canvas.paste(Image.fromarray(grid), (x, top))
         x += grid.shape[1] + gap
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return _save(canvas, path)
 
 
 def _wrap(text: str, font: Any, width: float) -> list[str]:

@@ -5,12 +5,17 @@ DDPM-family ones), driven by `EDMScheduler`.
     pipe = EDMPipeline(unet=unet, scheduler=EDMScheduler(model_family="edm"))
     images = pipe(batch_size=4, num_inference_steps=18, generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
 
-A saved EDMPipeline folder loads with `DiffusionPipeline.from_pretrained(folder)` once this
-module is imported (`import edm_sampling.pipelines`), or with `EDMPipeline.from_pretrained`.
+A saved folder loads with `EDMPipeline.from_pretrained(folder)`, or, in a process that has not
+imported this package, with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`:
+the folder holds a one-line loader file (`edm_pipeline.py`, it imports this module) that its
+model_index.json names, which is how diffusers finds pipeline classes outside its own library.
+Without `trust_remote_code=True` diffusers' error names the flag and the file.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +26,14 @@ from . import schedulers as _schedulers  # noqa: F401  (diffusers finds EDMSched
 from .samplers import check_generator, randn
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LOADER_MODULE = "edm_pipeline"  # <folder>/edm_pipeline.py, named by model_index.json's _class_name
+LOADER_SOURCE = (
+    '"""Loader of a pipeline saved by edm_sampling (EDMPipeline). diffusers runs this file when the\n'
+    'folder is loaded with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); it only\n'
+    'imports the installed edm_sampling package. Or: from edm_sampling import EDMPipeline;\n'
+    'EDMPipeline.from_pretrained(folder)."""\n\n'
+    "from edm_sampling.pipelines import EDMPipeline  # noqa: F401\n"
+)
 
 
 class EDMPipeline(DiffusionPipeline):
@@ -103,11 +116,11 @@ class EDMPipeline(DiffusionPipeline):
             output = self.unet(model_input, t, **model_kwargs).sample
             sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
 
-        family = getattr(self.scheduler.config, "model_family", "vp")
         if output_type == "latent":
             images = sample
         else:
-            images = sample if family == "ve" else sample / 2 + 0.5
+            family = getattr(self.scheduler, "family", None)  # VE data lives in [0, 1], the others in [-1, 1]
+            images = family.to_unit_range(sample) if family is not None else sample / 2 + 0.5
             images = images.clamp(0, 1)
             if output_type != "pt":
                 images = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -118,14 +131,34 @@ class EDMPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save_pretrained, plus the loader file that lets
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find this class in a
+        process that has not imported edm_sampling (see the module docstring)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{LOADER_MODULE}.py").write_text(LOADER_SOURCE)
+        index_path = folder / self.config_name
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [LOADER_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' load_config; a folder saved with the loader file names this class directly,
+        so `EDMPipeline.from_pretrained(folder)` needs neither the file nor trust_remote_code."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if config.get("_class_name") == [LOADER_MODULE, cls.__name__]:
+            config["_class_name"] = cls.__name__
+        return loaded
+
 
 def _register_with_diffusers() -> None:
-    """Make `DiffusionPipeline.from_pretrained(folder)` find EDMPipeline.
-
-    diffusers resolves model_index.json's `_class_name` in its own namespace only, and loads
-    components from modules outside diffusers only once the caller has imported them (it never
-    imports a module because a folder names it). Importing this module does both; an
-    EDMPipeline that diffusers itself may ship one day is left alone.
+    """Let `DiffusionPipeline.from_pretrained(folder)` find EDMPipeline in folders saved without
+    the loader file (model_index.json `_class_name` "EDMPipeline", as earlier versions wrote):
+    diffusers resolves that name in its own namespace only. An EDMPipeline that diffusers itself
+    may ship one day is left alone.
     """
     import diffusers
 

@@ -2,18 +2,23 @@
 
     pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)
 
-turns any diffusers pipeline of a DDPM-family model into an EDM Heun (or Euler) sampler on the
-rho = 7 grid, with optional churn. The step math is the core's (`samplers`, `denoisers`,
-`schedules`); this module only maps the pipeline protocol onto it:
+turns any diffusers pipeline into an EDM Heun (or Euler) sampler with optional churn, for every
+model family: DDPM-family (discrete VP), continuous VP, VE, EDM-trained and flow-matching (SD3,
+Flux) models. Which family a config describes, and every formula of it, is the family object's
+(`families`); the step math is the core's (`samplers`, `schedules`); this module only maps the
+pipeline protocol onto them:
 
 - the ODE is solved in sigma space (sigma(t) = t, s(t) = 1) on x_edm;
-- the state handed back to the pipeline is in the model's own input scale, c_in(sigma) x_edm:
-  for VP models x_vp = x_edm / sqrt(sigma^2 + 1), for EDM models x_edm / sqrt(sigma^2 +
-  sigma_data^2), for VE (c_in = 1) x_edm itself. So `scale_model_input` is the identity, and
-  VP and EDM models start from noise of std ~1 and work in DDPMPipeline / DDIMPipeline, which
-  never scale; after the last call the state is the sample itself, in data space;
-- `timesteps` are what the network receives at each model call (VP: the fractional or nearest
-  train timestep of the noise level; VE fourier UNet: sigma itself; EDM: ln(sigma)/4);
+- the state handed back to the pipeline is in the model's own input scale, s(sigma) x_edm =
+  c_in(sigma) x_edm: VP x_edm / sqrt(sigma^2 + 1), EDM x_edm / sqrt(sigma^2 + sigma_data^2),
+  flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity,
+  and VP, EDM and flow models start from noise of std ~1 and work in pipelines that never
+  scale (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
+- `timesteps` are what the network receives at each model call (`family.net_time`: discrete VP
+  the fractional or nearest train timestep, VE fourier UNet sigma, EDM ln(sigma)/4, flow t * M);
+- the grid: EDM's rho grid on sigma_min .. sigma_max clamped to the model's range; flow models
+  use their own shifted time-uniform grid (measured better there, benchmarks/flow_grids.py);
+  flow times a pipeline passes are shifted as diffusers' flow schedulers shift them;
 - Heun: one `step` after every model call, 2N - 1 calls for N steps, counted by a step index
   (timesteps may repeat); the last step, to sigma = 0, is Euler;
 - churn: gamma_i is known at `set_timesteps`, the model is called at sigma_hat_i, the churn
@@ -28,24 +33,39 @@ rho = 7 grid, with optional churn. The step math is the core's (`samplers`, `den
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import sys
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.utils import is_torchsde_available
 
-from .denoisers import (
+from .denoisers import denoised_from_output, mean_output
+from .families import (
+    EDM_SCHEDULER,
+    EDM_SOURCES,
+    FLOW_PREDICTION_TYPE,
+    FLOW_SOURCES,
+    LEGACY_FAMILY_NAMES,
+    MODEL_FAMILIES,
+    TIME_SHIFT_TYPES,
     TIMESTEP_MAPPINGS,
+    VE_SOURCES,
+    VP_SOURCES,
     Coefficients,
-    DiscreteVPDenoiser,
-    EDMDenoiser,
-    PreconditionedDenoiser,
-    VEDenoiser,
-    check_prediction_type,
-    denoised_from_output,
-    mean_output,
+    DiscreteVP,
+    Family,
+    FlowMatching,
+    family_from_scheduler_config,
+    flow_sigma,
+    flow_time,
+    read_scheduler_config,
 )
 from .samplers import (
     SOLVERS,
@@ -60,43 +80,14 @@ from .samplers import (
     ode_slope,
     randn,
 )
-from .schedules import (
-    alphas_cumprod_from_betas,
-    betas_from_config,
-    check_num_steps,
-    clamp_sigma_range,
-    karras_sigmas,
-    timestep_to_sigma,
-)
-
-MODEL_FAMILIES = ("vp", "ve", "edm")
+from .schedules import check_num_steps, clamp_sigma_range, karras_sigmas
 
 _PREDICTOR, _CORRECTOR, _EULER = 0, 1, 2
 _STATE_DTYPES = (torch.float32, torch.float64)
-
-# diffusers schedulers of discrete VP (DDPM-family) models: their configs carry the betas.
-_VP_COMPATIBLES = [
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "DPMSolverSDEScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "DEISMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "SASolverScheduler",
-    "TCDScheduler",
-    "LCMScheduler",
-]
-_EDM_SOURCES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
-_VE_SOURCES = ("ScoreSdeVeScheduler",)
-_FOREIGN_DROP = ("num_train_timesteps",)
+# config keys that describe the model: always stored explicitly, so that another scheduler made
+# from this config (`X.from_config(edm.config)`) sees the model's values, not its own defaults
+_MODEL_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+               "prediction_type")
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,6 @@ class _Call:
     sigma_next: float  # sigma_{i+1}, the end of step i
     coefficients: Coefficients  # c_skip, c_out, c_in at `sigma`
     state_scale: float  # the pipeline's state at this call is x_edm * state_scale
-    input_scale: float  # scale_model_input multiplies the state by this
     churn_std: float  # std (in x_edm units) of the churn noise added after this call; 0: none
     denoised: tuple[float, ...] = ()  # D = a x + b F
     update: tuple[float, ...] = ()  # predictor / Euler: next state = a x + b F; corrector: += a x + b F
@@ -143,86 +133,76 @@ def _combine(coefficients: Sequence[float], tensors: Sequence[torch.Tensor], dty
     return result if result is not None else torch.zeros_like(tensors[0], dtype=dtype)
 
 
-def translate_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Map another scheduler's config onto EDMScheduler's keys.
+def _as_grid(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """A 1-D float64 CPU tensor of noise levels or timesteps."""
+    return torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
 
-    - EDMScheduler configs pass through.
-    - DDPM-family (VP) configs keep every value they hold, defaults included (diffusers'
-      `_use_default_values` would otherwise replace, e.g., HeunDiscreteScheduler's default
-      betas by ours); sigma_min / sigma_max set to None are dropped.
-    - ScoreSdeVeScheduler -> model_family "ve" with its sigma range.
-    - EDMEulerScheduler / EDMDPMSolverMultistepScheduler -> model_family "edm" with its sigma
-      range, sigma_data, rho and prediction_type.
-    Configs that cannot be mapped raise a ValueError naming the key.
-    """
-    cfg = dict(config)
-    own_keys = set(EDMScheduler._get_init_keys(EDMScheduler)) - {"self"}
-    source = cfg.get("_class_name")  # in-memory configs have none: recognise them by their keys
-    public = {key for key in cfg if not key.startswith("_")}
-    if source == EDMScheduler.__name__ or "model_family" in cfg or (source is None and public <= own_keys):
-        return cfg
-    source = source or "the given scheduler"
-    cfg.pop("_use_default_values", None)
-    if source in _VE_SOURCES or {"snr", "sampling_eps"} <= public:
-        for key in _FOREIGN_DROP:
-            cfg.pop(key, None)
-        cfg["model_family"] = "ve"
-        return cfg
-    if source in _EDM_SOURCES or "sigma_data" in cfg:
-        if cfg.get("sigma_schedule", "karras") != "karras":
-            raise ValueError(
-                f"sigma_schedule={cfg['sigma_schedule']!r} of {source} cannot be mapped: EDMScheduler uses the "
-                "rho grid (sigma_schedule='karras')"
-            )
-        if cfg.get("final_sigmas_type", "zero") != "zero":
-            raise ValueError(
-                f"final_sigmas_type={cfg['final_sigmas_type']!r} of {source} cannot be mapped: EDMScheduler "
-                "always ends at sigma = 0 (final_sigmas_type='zero')"
-            )
-        for key in _FOREIGN_DROP:
-            cfg.pop(key, None)
-        cfg["model_family"] = "edm"
-        return cfg
-    if "beta_schedule" not in cfg and "trained_betas" not in cfg:
-        raise ValueError(
-            f"_class_name={source!r}: the config has no betas and is not a known VE or EDM scheduler, so it "
-            "cannot be mapped to model_family 'vp', 've' or 'edm'"
-        )
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError(
-            "rescale_betas_zero_snr=True cannot be mapped: its last noise level is infinite, outside the EDM "
-            "sigma range"
-        )
-    if cfg.get("timestep_type", "discrete") != "discrete":
-        raise ValueError(f"timestep_type={cfg['timestep_type']!r} cannot be mapped: only 'discrete' VP timesteps")
-    if cfg.get("use_flow_sigmas"):
-        raise ValueError("use_flow_sigmas=True (a flow-matching model) cannot be mapped to a VP/VE/EDM family")
-    for key in ("sigma_min", "sigma_max", "rho"):
-        if key in cfg and cfg[key] is None:
-            del cfg[key]
-    cfg["model_family"] = "vp"
-    return cfg
+
+def _source_defaults(source: str) -> dict[str, Any] | None:
+    """The __init__ defaults of diffusers scheduler class `source`, or None if unknown."""
+    import diffusers
+
+    cls = getattr(diffusers, source, None) if source.isidentifier() else None
+    if not isinstance(cls, type):
+        return None
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _ignored_settings(config: Mapping[str, Any], reading: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What from_config ignores and a user may expect to act: keyword arguments EDMScheduler does
+    not accept, and settings of a foreign scheduler it does not use whose value is not that
+    scheduler's default (or is unknown to it), other than False / None ("off")."""
+    own = set(EDMScheduler._get_init_keys(EDMScheduler)) - {"self"}
+    ignored = {key: value for key, value in kwargs.items() if key not in own}
+    if reading.source == EDM_SCHEDULER:
+        return ignored
+    defaults = _source_defaults(reading.source) or {}
+    skipped = set(reading.used) | set(reading.scheduler_keys) | set(config.get("_use_default_values", []))
+    for key, value in config.items():
+        if key.startswith("_") or key in skipped or value is None or value is False:
+            continue
+        if key not in defaults or _differs(value, defaults[key]):
+            ignored[key] = value
+    return ignored
+
+
+def _differs(value: Any, default: Any) -> bool:
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError, RuntimeError):  # arrays and tensors
+        return True
 
 
 class EDMScheduler(SchedulerMixin, ConfigMixin):
-    """The EDM sampler (Heun or Euler, optional churn) for VP, VE and EDM models.
+    """The EDM sampler (Heun or Euler, optional churn) for every model family.
 
     Args:
         solver: "heun" (2N - 1 model calls, `order` = 2) or "euler" (N calls).
-        sigma_min, sigma_max, rho: the sampling grid (EDM eq. 5); for VP models the range is
-            clamped to the noise levels of the model's alphas_cumprod.
+        sigma_min, sigma_max, rho: the sampling grid (EDM eq. 5), clamped to the model's range
+            (discrete VP: the noise levels of its alphas_cumprod). Flow models sample on their
+            own shifted time-uniform grid, clamped to sigma_min .. sigma_max (rho unused).
         s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's churn; s_tmax None means infinity.
-        model_family: "vp" (DDPM-family nets on discrete timesteps), "ve" (NCSN++ fourier
-            UNet2DModel: timestep = sigma, output a score) or "edm" (EDM-preconditioned net,
-            timestep = ln(sigma)/4).
-        timestep_mapping: VP only; "interpolate" (fractional timesteps) or "round" (nearest
-            trained level, the grid snapped to trained levels: the paper's iDDPM rule).
+        model_family: "discrete_vp" (DDPM-family nets on discrete timesteps; "vp" is read as
+            this), "continuous_vp" (Song et al.'s VP, timestep (M - 1) t), "ve" (NCSN++ fourier
+            UNet2DModel: timestep = sigma, output a score), "edm" (EDM-preconditioned net,
+            timestep = ln(sigma)/4) or "flow" (flow matching, velocity output, timestep t * M).
+        timestep_mapping: discrete VP only; "interpolate" (fractional timesteps) or "round"
+            (nearest trained level, the grid snapped to trained levels: the paper's iDDPM rule).
         sigma_data: EDM preconditioning's data std.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-        prediction_type: the VP model's training schedule and output, DDPMScheduler's defaults.
+        prediction_type: the VP model's training schedule and output, DDPMScheduler's defaults
+            (flow models: prediction_type "flow_prediction", set when left at its default).
+        shift, use_dynamic_shifting, time_shift_type: a flow model's time shift, as in
+            FlowMatchEulerDiscreteScheduler.
     """
 
-    _compatibles = list(_VP_COMPATIBLES)
+    # every scheduler whose config `from_config` reads; diffusers stands in a placeholder for
+    # DPMSolverSDEScheduler without torchsde, which cannot be built, so it is listed only with it
+    _compatibles = [
+        name for name in (*VP_SOURCES, *VE_SOURCES, *EDM_SOURCES, *FLOW_SOURCES)
+        if name != "DPMSolverSDEScheduler" or is_torchsde_available()
+    ]
 
     @register_to_config
     def __init__(
@@ -235,7 +215,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         s_tmin: float = 0.0,
         s_tmax: float | None = None,
         s_noise: float = 1.0,
-        model_family: str = "vp",
+        model_family: str = "discrete_vp",
         timestep_mapping: str = "interpolate",
         sigma_data: float = 0.5,
         num_train_timesteps: int = 1000,
@@ -244,40 +224,89 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         beta_schedule: str = "linear",
         trained_betas: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        model_family = LEGACY_FAMILY_NAMES.get(model_family, model_family)
         if model_family not in MODEL_FAMILIES:
-            raise ValueError(f"model_family must be one of {MODEL_FAMILIES}, got {model_family!r}")
+            raise ValueError(f"model_family must be one of {MODEL_FAMILIES}, got {self.config.model_family!r}")
         if timestep_mapping not in TIMESTEP_MAPPINGS:
             raise ValueError(f"timestep_mapping must be one of {TIMESTEP_MAPPINGS}, got {timestep_mapping!r}")
-        check_prediction_type(prediction_type)
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
         if not (math.isfinite(rho) and rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
         check_churn(s_churn, s_tmin, self._s_tmax, s_noise)
+        self._normalize_config(model_family)
 
-        self._family = self._family_maps()
+        self._family = family_from_scheduler_config(self.config)
+        if isinstance(self._family, DiscreteVP):  # what pipelines and user code read off a DDPM-family scheduler
+            self.betas = self._family.betas.float()
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = self._family.alphas_cumprod.float()
         self.train_sigmas: torch.Tensor | None = getattr(self._family, "train_sigmas", None)
-        self.sigma_range = clamp_sigma_range(sigma_min, sigma_max, self._family.sigma_min, self._family.sigma_max)
+        self.sigma_range = self._sampling_range()
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._calls: list[_Call] = []
         hi = self.sigma_range[1]
-        self._init_noise_sigma = self._coefficients([hi])[0].c_in * hi
+        self._init_noise_sigma = float(self._family.input_scale(torch.tensor(hi, dtype=torch.float64))) * hi
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._warned_eta = False
         self._reset_state()
+        _warn_when_ddim_pipeline_replaces_us()
+
+    def _normalize_config(self, model_family: str) -> None:
+        """The config as it will be saved: the family's current name ("vp" -> "discrete_vp"), a
+        flow model's prediction_type "flow_prediction", and the model keys never listed as
+        defaults (see `_MODEL_KEYS`)."""
+        config = dict(self.config)
+        defaults = list(config.get("_use_default_values", []))
+        updates: dict[str, Any] = {}
+        if model_family != config["model_family"]:
+            updates["model_family"] = model_family
+        if model_family == "flow" and config["prediction_type"] != FLOW_PREDICTION_TYPE:
+            if "prediction_type" not in defaults:
+                raise ValueError(f"prediction_type must be {FLOW_PREDICTION_TYPE!r} for model_family='flow', got {config['prediction_type']!r}")
+            updates["prediction_type"] = FLOW_PREDICTION_TYPE
+        if defaults:
+            updates["_use_default_values"] = sorted(key for key in defaults if key not in _MODEL_KEYS)
+        if updates:
+            self._internal_dict = FrozenDict({**config, **updates})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
-        """diffusers' from_config, after mapping a DDPM-family, ScoreSdeVe or EDMEuler config
-        onto this scheduler's keys (see `translate_scheduler_config`)."""
+        """diffusers' from_config, after reading the model family of any scheduler config
+        (`families.read_scheduler_config`: DDPM family, ScoreSdeVe, EDMEuler, flow matching, ours).
+
+        Foreign settings that EDMScheduler does not use stay in its config (so a pipeline can
+        still read them and a swap back restores them); a warning names those that were changed
+        from their scheduler's default, and any keyword argument EDMScheduler does not accept.
+        """
         if isinstance(config, Mapping):
-            config = translate_scheduler_config(config)
+            reading = read_scheduler_config(config)
+            ignored = _ignored_settings(config, reading, kwargs)
+            if reading.source != EDM_SCHEDULER:
+                own = set(cls._get_init_keys(cls))
+                config = {
+                    **{k: v for k, v in config.items() if k not in own and k != "_use_default_values"},
+                    **reading.scheduler_keys,
+                }
+            if ignored:
+                warnings.warn(
+                    f"EDMScheduler.from_config ignores {ignored}: EDMScheduler samples with its own solver, grid "
+                    "and churn (its own keys are listed in EDMScheduler's docstring)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --- properties of the diffusers protocol ---------------------------------------------------
@@ -300,35 +329,46 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     @property
+    def family(self) -> Family:
+        """The model family (network-free): coefficients, time input, range."""
+        return self._family
+
+    @property
     def _s_tmax(self) -> float:
         return math.inf if self.config.s_tmax is None else float(self.config.s_tmax)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    # --- family-specific maps: the core's denoiser adapter of the family, without a network -------
+    # --- family-specific maps ------------------------------------------------------------------------
 
-    def _family_maps(self) -> PreconditionedDenoiser:
-        """The family's D(x; sigma) adapter (no network): its coefficients, network timestep,
-        output convention, round_sigma and supported range are the scheduler's too. VE and EDM
-        configs do not state the model's range, so only VP ranges are clamped."""
-        config = self.config
-        if config.model_family == "vp":
-            betas = betas_from_config(
-                config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule, config.trained_betas
-            )
-            return DiscreteVPDenoiser(None, alphas_cumprod_from_betas(betas), config.prediction_type, config.timestep_mapping)
-        if config.model_family == "ve":
-            return VEDenoiser(None, sigma_min=0.0, sigma_max=math.inf)
-        return EDMDenoiser(None, config.sigma_data, prediction_type=config.prediction_type)
+    def _sampling_range(self) -> tuple[float, float]:
+        """The grid's range: config sigma_min .. sigma_max clamped to the family's range (VE and
+        EDM configs do not state the model's range)."""
+        return clamp_sigma_range(self.config.sigma_min, self.config.sigma_max, self._family.sigma_min, self._family.sigma_max)
+
+    def _flow_times(self, num_steps: int, mu: float | None) -> torch.Tensor:
+        """A flow model's default grid in flow times before the shift: Flux's time-uniform
+        linspace(1, 1/N, N) scaled into [0, t_top], t_top the time whose shifted level is
+        sigma_max, so that pure noise (t = 1, sigma = inf) becomes sigma_max and N steps stay N."""
+        t_top = float(flow_time(torch.tensor(self.sigma_range[1] / self._family.shift_factor(mu), dtype=torch.float64)))
+        return t_top * torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+
+    def _flow_grid(self, times: Sequence[float] | torch.Tensor, mu: float | None) -> torch.Tensor:
+        """A flow model's grid from flow times: shifted as the model's scheduler shifts them
+        (`FlowMatching.sigmas_of_flow_times`), each level clamped to `sigma_range` (t = 1, pure
+        noise, becomes sigma_max) and levels that the clamp makes equal merged."""
+        sigmas = self._family.sigmas_of_flow_times(times, mu)
+        positive = sigmas[sigmas > 0].clamp(*self.sigma_range)
+        return torch.cat([torch.unique_consecutive(positive), sigmas[sigmas <= 0]])
 
     def _coefficients(self, sigmas: Sequence[float]) -> list[Coefficients]:
         c = self._family.coefficients(torch.tensor(list(sigmas), dtype=torch.float64))
         return [Coefficients(*values) for values in zip(c.c_skip.tolist(), c.c_out.tolist(), c.c_in.tolist())]
 
     def _network_timesteps(self, sigmas: Sequence[float]) -> torch.Tensor:
-        t = self._family.net_timestep(torch.tensor(list(sigmas), dtype=torch.float64))
-        return t.long() if getattr(self._family, "timestep_mapping", None) == "round" else t.float()
+        t = self._family.net_time(torch.tensor(list(sigmas), dtype=torch.float64))
+        return t.long() if self._family.integer_timesteps else t.float()
 
     def _slope(self, call: _Call, x_state: Any, output: Any) -> Any:
         """dx/dsigma at `call` from the pipeline's state and the network output (core rules)."""
@@ -378,27 +418,41 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
         timesteps: Sequence[float] | torch.Tensor | None = None,
+        mu: float | None = None,
     ) -> None:
         """Build the grid, the churn levels and one `_Call` per model call.
 
-        `sigmas`: a custom decreasing grid in sigma units (a final 0 is appended when missing).
-        `timesteps`: custom VP train timesteps (decreasing; converted to sigmas) or VE sigmas.
+        `num_inference_steps`: N steps on the family's default grid: the rho grid on
+        `sigma_range`; for flow models the model's own grid, time-uniform flow times shifted
+        as its scheduler shifts them (`_flow_times`, `_flow_grid`).
+        `sigmas`: a custom decreasing grid (a final 0 is appended when missing), in sigma units;
+        for flow models, flow times in [0, 1] before the model's shift, as diffusers' flow
+        schedulers take them (SD3 / Flux pipelines pass these), mapped by `_flow_grid`.
+        `timesteps`: the network timesteps themselves (discrete VP train timesteps, VE sigmas,
+        flow t * M), decreasing.
+        `mu`: the dynamic time shift SD3 / Flux pipelines pass (flow models with
+        use_dynamic_shifting; ignored otherwise).
         """
         given = sum(v is not None for v in (num_inference_steps, sigmas, timesteps))
         if given != 1:
             raise ValueError("pass exactly one of num_inference_steps, sigmas or timesteps")
-        if sigmas is None and timesteps is not None:
+        if num_inference_steps is not None:
+            check_num_steps(num_inference_steps, "num_inference_steps")
+        flow = isinstance(self._family, FlowMatching)
+        mu = mu if flow and self.config.use_dynamic_shifting else None
+        if flow and timesteps is None:
+            times = _as_grid(sigmas) if sigmas is not None else self._flow_times(num_inference_steps, mu)
+            sigmas = self._flow_grid(times, mu)
+        elif timesteps is not None:
             sigmas = self._sigmas_of_timesteps(timesteps)
         if sigmas is not None:
-            grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+            grid = _as_grid(sigmas)
             if grid.numel() > 0 and float(grid[-1]) != 0.0:
                 grid = torch.cat([grid, grid.new_zeros(1)])
             check_sigmas(grid)
-        else:
-            check_num_steps(num_inference_steps, "num_inference_steps")
-            grid = karras_sigmas(num_inference_steps, *self.sigma_range, self.config.rho)
-        if sigmas is not None:
             check_sigmas_in_range(grid, self._family.sigma_min, self._family.sigma_max, "sigmas" if timesteps is None else "timesteps")
+        else:
+            grid = karras_sigmas(num_inference_steps, *self.sigma_range, self.config.rho)
         grid, hats = churned_grid(
             grid, self._family.round_sigma, self.config.s_churn, self.config.s_tmin, self._s_tmax, self._family.sigma_max
         )
@@ -429,7 +483,6 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
                     sigma_next=levels[i + 1],
                     coefficients=c,
                     state_scale=state_scale,
-                    input_scale=c.c_in / state_scale,
                     churn_std=churn,
                 )
             )
@@ -445,15 +498,22 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self._reset_state()
 
     def _sigmas_of_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten()
-        if self.config.model_family == "vp":
-            last = len(self.train_sigmas) - 1
+        """Noise levels of network timesteps (the inverse of `family.net_time`)."""
+        t = _as_grid(timesteps)
+        family = self._family
+        if isinstance(family, DiscreteVP):
+            last = len(family.train_sigmas) - 1
             if not bool(((t >= 0) & (t <= last)).all()):
                 raise ValueError(f"timesteps must lie in [0, {last}] (the model's train timesteps), got {t.tolist()}")
-            return timestep_to_sigma(t, self.train_sigmas)
+            return family.sigma_of_time(t)
+        if isinstance(family, FlowMatching):
+            m = family.num_train_timesteps
+            if not bool(((t >= 0) & (t < m)).all()):
+                raise ValueError(f"timesteps of a flow-matching model must lie in [0, {m}) (flow t * {m}), got {t.tolist()}")
+            return flow_sigma(t / m)
         if self.config.model_family == "ve":
             return t
-        raise ValueError("timesteps cannot be given for model_family='edm'; pass sigmas instead")
+        raise ValueError(f"timesteps cannot be given for model_family={self.config.model_family!r}; pass sigmas instead")
 
     def _start_std(self, index: int) -> float:
         """Std of pure noise at call `index`, in the state's scale (churn folded in for first calls)."""
@@ -494,9 +554,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     # --- the per-call protocol --------------------------------------------------------------------
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        """The network's input: the state itself, which is kept in the model's input scale."""
-        scale = self._calls[self._current_index(timestep)].input_scale
-        return sample if scale == 1.0 else sample * scale
+        """The network's input is the state itself: the state is kept in the model's input scale
+        (state_scale = c_in for every family), so this is the identity, before set_timesteps too."""
+        return sample
 
     def step(
         self,
@@ -511,8 +571,17 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         corrector or the final Euler step; churn noise for the next step is added here.
 
         Returns prev_sample (in the pipeline's scale and dtype) and pred_original_sample (D, in
-        data space). Extra keyword arguments (eta, use_clipped_model_output, ...) are ignored.
+        data space). Extra keyword arguments (DDIMPipeline's eta, use_clipped_model_output, ...)
+        are ignored; a nonzero eta is named in a warning, once.
         """
+        if kwargs.get("eta") and not self._warned_eta:
+            self._warned_eta = True
+            warnings.warn(
+                f"EDMScheduler ignores eta={kwargs['eta']!r} (DDIM's noise): its only noise is Algorithm 2's churn "
+                "(s_churn, s_tmin, s_tmax, s_noise in the config)",
+                UserWarning,
+                stacklevel=2,
+            )
         index = self._current_index(timestep)
         if index >= len(self._calls):
             raise IndexError(f"step was called {index + 1} times, but set_timesteps planned {len(self._calls)} model calls")
@@ -570,6 +639,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         noisy = original_samples.to(dtype) * scale + noise.to(dtype) * std
         return noisy.to(original_samples.dtype)
 
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow pipelines' img2img start (FlowMatchEulerDiscreteScheduler's name for `add_noise`):
+        (1 - t) y + t n in the flow state is x_edm = y + sigma n in the state's scale."""
+        if noise is None:
+            raise ValueError("noise must be given to scale_noise")
+        return self.add_noise(sample, noise, torch.as_tensor(timestep))
+
     def _index_for_timestep(self, timestep: float) -> int:
         values = self.timesteps.cpu().double().tolist()
         for k, value in enumerate(values):
@@ -583,3 +659,38 @@ class EDMSchedulerOutput(SchedulerOutput):
     """prev_sample: the state for the next model call; pred_original_sample: D(x; sigma)."""
 
     pred_original_sample: torch.Tensor | None = None
+
+
+_DDIM_PIPELINE_MODULE = "diffusers.pipelines.ddim.pipeline_ddim"
+
+
+def _warn_when_ddim_pipeline_replaces_us() -> None:
+    """Make DDIMPipeline say so when it drops an EDMScheduler.
+
+    `DDIMPipeline.__init__` turns any scheduler into a DDIMScheduler, both when it is built and
+    when it is loaded. Its __init__ is wrapped (once, and only when its module is already
+    imported, so importing this module stays light) to warn; its behaviour and signature are
+    unchanged. A pipeline's class is imported before its components are built, so the wrapper
+    is in place whenever an EDMScheduler can reach a DDIMPipeline.
+    """
+    pipeline_cls = getattr(sys.modules.get(_DDIM_PIPELINE_MODULE), "DDIMPipeline", None)
+    if pipeline_cls is None or getattr(pipeline_cls.__init__, "_warns_for_edm_scheduler", False):
+        return
+    original = pipeline_cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, unet: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(scheduler, EDMScheduler):
+            warnings.warn(
+                "DDIMPipeline replaces its scheduler by a DDIMScheduler when it is built or loaded, so this "
+                "EDMScheduler is not used; assign it afterwards: pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)",
+                UserWarning,
+                stacklevel=2,
+            )
+        original(self, unet, scheduler, *args, **kwargs)
+
+    __init__._warns_for_edm_scheduler = True  # type: ignore[attr-defined]
+    pipeline_cls.__init__ = __init__
+
+
+_warn_when_ddim_pipeline_replaces_us()

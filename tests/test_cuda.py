@@ -47,7 +47,7 @@ def test_half_precision_unet_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("family", ["vp", "edm"])
+@pytest.mark.parametrize("family", ["discrete_vp", "edm", "flow"])
 def test_scheduler_in_ddpm_pipeline_half_precision_without_host_sync(dtype, family):
     from diffusers import DDPMPipeline
 

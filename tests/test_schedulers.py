@@ -56,7 +56,7 @@ def test_config_round_trip(tmp_path):
 )
 def test_from_config_keeps_vp_betas(source):
     scheduler = EDMScheduler.from_config(source.config)
-    assert scheduler.config.model_family == "vp"
+    assert scheduler.config.model_family == "discrete_vp"
     assert scheduler.config.prediction_type == source.config.prediction_type
     torch.testing.assert_close(scheduler.train_sigmas, _train_sigmas(source), rtol=1e-3, atol=0)  # diffusers: float32
     # the sampling range is clamped to the model's levels
@@ -91,7 +91,8 @@ def test_from_config_ve_and_edm():
         (EDMEulerScheduler(final_sigmas_type="sigma_min"), "final_sigmas_type"),
         (DDIMScheduler(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
         (EulerDiscreteScheduler(timestep_type="continuous"), "timestep_type"),
-        (FlowMatchEulerDiscreteScheduler(), "_class_name"),
+        (FlowMatchEulerDiscreteScheduler(invert_sigmas=True), "invert_sigmas"),
+        (FlowMatchEulerDiscreteScheduler(shift_terminal=0.1), "shift_terminal"),
     ],
 )
 def test_from_config_unmappable_raises(source, name):
@@ -206,14 +207,14 @@ def _pipeline_loop(scheduler, net, noise, dtype=torch.float32, generator=None):
     return sample
 
 
-@pytest.mark.parametrize("family", ["vp", "edm"])
+@pytest.mark.parametrize("family", ["discrete_vp", "edm"])
 def test_manual_loop_equals_core(family):
     net = _Affine()
     scheduler = EDMScheduler(model_family=family, solver="heun")
     scheduler.set_timesteps(6)
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     out = _pipeline_loop(scheduler, net, noise)
-    if family == "vp":
+    if family == "discrete_vp":
         denoiser = DiscreteVPDenoiser.from_scheduler_config(net, scheduler.config)
     else:
         denoiser = EDMDenoiser(net)

@@ -159,8 +159,6 @@ def test_cli_train_export_and_resume(tmp_path, capsys):
 
 def test_exported_folder_loads_with_diffusion_pipeline(tmp_path, digits8):
     import diffusers
-    from diffusers import DiffusionPipeline
-
     import edm_sampling.pipelines  # noqa: F401
     from edm_sampling.training.export import export_pipeline
 
@@ -170,7 +168,9 @@ def test_exported_folder_loads_with_diffusion_pipeline(tmp_path, digits8):
     with pytest.raises(ValueError, match="already exists"):
         export_pipeline(trainer, folder)
     assert diffusers.EDMPipeline is edm_sampling.pipelines.EDMPipeline  # registered on import
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    # the folder names its loader file (edm_pipeline.py); without the class in hand diffusers needs
+    # trust_remote_code=True to run it (tests/test_scheduler_contract.py checks that in a fresh process)
+    pipe = edm_sampling.pipelines.EDMPipeline.from_pretrained(folder)
     assert type(pipe).__name__ == "EDMPipeline"
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images

@@ -84,8 +84,9 @@ def tiny_unet2d_condition(cross_attention_dim: int = 8, sample_size: int = SAMPL
     ).eval()
 
 
-def tiny_vae(seed: int = 0):
-    """An AutoencoderKL with 4 latent channels and one downsampling (x2)."""
+def tiny_vae(seed: int = 0, **overrides: Any):
+    """An AutoencoderKL with 4 latent channels and one downsampling (x2); `overrides` set other
+    config values (SD3's shift_factor / scaling_factor)."""
     from diffusers import AutoencoderKL
 
     _seeded(seed)
@@ -99,6 +100,7 @@ def tiny_vae(seed: int = 0):
         latent_channels=4,
         norm_num_groups=4,
         sample_size=2 * SAMPLE_SIZE,
+        **overrides,
     ).eval()
 
 
@@ -144,9 +146,11 @@ def tiny_clip_tokenizer(directory: str | Path, model_max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def tiny_clip_text_model(vocab_size: int, hidden_size: int = 8, max_positions: int = 16, seed: int = 0):
-    """A 2-layer CLIPTextModel whose hidden size is the UNet's cross_attention_dim."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text_model(vocab_size: int, hidden_size: int = 8, max_positions: int = 16, seed: int = 0,
+                         with_projection: bool = False):
+    """A 2-layer CLIPTextModel whose hidden size is the UNet's cross_attention_dim, or with
+    `with_projection` a CLIPTextModelWithProjection (SD3's CLIP encoders: pooled output too)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     _seeded(seed)
     config = CLIPTextConfig(
@@ -161,7 +165,7 @@ def tiny_clip_text_model(vocab_size: int, hidden_size: int = 8, max_positions: i
         pad_token_id=1,
         projection_dim=hidden_size,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def tiny_sd_components(directory: str | Path, scheduler=None) -> dict[str, Any]:
@@ -205,3 +209,44 @@ class CallCounter:
 
     def remove(self) -> None:
         self.module.forward = self._forward
+
+
+def tiny_sd3_transformer(clip_hidden_size: int = 8, sample_size: int = SAMPLE_SIZE, seed: int = 0):
+    """A one-layer SD3Transformer2DModel on 4 latent channels; its text inputs are the two CLIP
+    encoders' concatenated states (2 * clip_hidden_size wide) and pooled outputs."""
+    from diffusers import SD3Transformer2DModel
+
+    _seeded(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=2 * clip_hidden_size,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * clip_hidden_size,
+    ).eval()
+
+
+def tiny_sd3_components(directory: str | Path, scheduler=None) -> dict[str, Any]:
+    """Keyword arguments for StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline from tiny
+    models: two CLIP text encoders sharing one tokenizer (written under `directory`), no T5
+    (`text_encoder_3=None`: SD3 feeds zeros in its place), a 4-channel VAE with SD3's
+    shift_factor, and FlowMatchEulerDiscreteScheduler(shift=3.0) unless `scheduler` is given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tokenizer = tiny_clip_tokenizer(Path(directory) / "clip_vocab")
+    return dict(
+        transformer=tiny_sd3_transformer(),
+        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=tiny_clip_text_model(len(tokenizer), seed=1, with_projection=True),
+        text_encoder_2=tiny_clip_text_model(len(tokenizer), seed=2, with_projection=True),
+        text_encoder_3=None,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=None,
+        scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )

@@ -23,9 +23,11 @@ from typing import Any, Callable
 
 import torch
 
+from ..families import EDM, VE
+from ..schedules import EDM_SIGMA_MAX, EDM_SIGMA_MIN, clamp_sigma_range
+
 BUILTIN_MODELS = ("mixture", "gaussian", "digits")
-VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
-EDM_SCHEDULERS = ("EDMScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+VE_SAMPLING_RANGE = (0.02, 100.0)  # Table 1's VE range: our discretizations span at most this
 
 
 @dataclass
@@ -213,58 +215,38 @@ def load_model(
     if is_sd:
         return _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidance_scale, device, dtype)
 
-    from ..denoisers import DiscreteVPDenoiser, EDMDenoiser, VEDenoiser
-
     config = unet.config
     size = config.sample_size if isinstance(config.sample_size, (list, tuple)) else (config.sample_size,) * 2
     shape = (config.in_channels, *size)
     num_classes = getattr(config, "num_class_embeds", None)
     info = {"model": str(root), "pipeline": index.get("_class_name"), "scheduler": scheduler_class}
-    family = scheduler_config.get("model_family") if scheduler_class == "EDMScheduler" else None
-    if scheduler_class in VE_SCHEDULERS or family == "ve":
-        lo, hi = float(scheduler_config.get("sigma_min", 0.01)), float(scheduler_config.get("sigma_max", 1348.0))
-        denoiser = VEDenoiser(unet, sigma_min=lo, sigma_max=hi)
-        return BenchModel(
-            name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=max(lo, 0.02), sigma_max=min(hi, 100.0),
-            to_image=lambda x: x * 2 - 1, num_classes=num_classes, info=info,
-        )
-    if family == "edm" or (scheduler_class in EDM_SCHEDULERS and family is None):
-        sigma_data = float(scheduler_config.get("sigma_data", 0.5))
-        lo = float(scheduler_config.get("sigma_min", 0.002))
-        hi = float(scheduler_config.get("sigma_max", 80.0))
-        net = _Negated(unet) if scheduler_config.get("prediction_type") == "v_prediction" else unet
-        denoiser = EDMDenoiser(net, sigma_data=sigma_data)
-        return BenchModel(
-            name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi,
-            num_classes=num_classes, info=info,
-        )
-    if not any(k in scheduler_config for k in ("beta_start", "beta_schedule", "trained_betas", "num_train_timesteps")):
-        raise ValueError(f"--model: scheduler {scheduler_class!r} in {root} is neither a DDPM-family (betas), VE nor EDM scheduler")
-    denoiser = DiscreteVPDenoiser.from_scheduler_config(unet, scheduler_config)
-    from ..schedules import clamp_sigma_range
-
-    lo, hi = clamp_sigma_range(0.002, 80.0, denoiser.sigma_min, denoiser.sigma_max)
-    return BenchModel(
-        name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi, unet=unet,
-        scheduler_config=scheduler_config, num_classes=num_classes, info=info,
-    )
+    reading, denoiser = _denoiser_of_folder(root, unet, scheduler_config)
+    common = dict(name=root.name, denoiser=denoiser, sample_shape=shape, num_classes=num_classes, info=info)
+    family = reading.family
+    if isinstance(family, (VE, EDM)):  # the range the scheduler config states (EDMScheduler: its grid)
+        lo, hi = (float(reading.scheduler_keys.get(key, default)) for key, default in (("sigma_min", 0.002), ("sigma_max", 80.0)))
+        if isinstance(family, VE):
+            lo, hi = clamp_sigma_range(*VE_SAMPLING_RANGE, lo, hi)
+            return BenchModel(**common, sigma_min=lo, sigma_max=hi, to_image=lambda x: x * 2 - 1)
+        return BenchModel(**common, sigma_min=lo, sigma_max=hi)
+    lo, hi = clamp_sigma_range(EDM_SIGMA_MIN, EDM_SIGMA_MAX, family.sigma_min, family.sigma_max)
+    return BenchModel(**common, sigma_min=lo, sigma_max=hi, unet=unet, scheduler_config=scheduler_config)
 
 
-class _Negated(torch.nn.Module):
-    """An EDM net saved with prediction_type "v_prediction" outputs -F (diffusers' EDM schedulers' convention)."""
+def _denoiser_of_folder(root: Path, net: Any, scheduler_config: dict) -> tuple[Any, Any]:
+    """What a folder's scheduler config says (`families.read_scheduler_config`: the model family
+    and its stated range) and `net`'s D(x; sigma) for that family. Bench runs discrete VP, VE
+    and EDM models."""
+    from ..denoisers import PreconditionedDenoiser
+    from ..families import DiscreteVP, read_scheduler_config
 
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.net.dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from ..denoisers import network_output
-
-        return -network_output(self.net(*args, **kwargs))
+    try:
+        reading = read_scheduler_config(scheduler_config)
+    except ValueError as error:
+        raise ValueError(f"--model: the scheduler of {root} cannot be read: {error}") from error
+    if not isinstance(reading.family, (DiscreteVP, VE, EDM)):
+        raise ValueError(f"--model: {root} is a {reading.family.name!r} model; bench runs discrete VP (DDPM-family), VE and EDM models")
+    return reading, PreconditionedDenoiser(net, reading.family)
 
 
 class GuidedUNet(torch.nn.Module):
@@ -296,9 +278,6 @@ class GuidedUNet(torch.nn.Module):
 
 
 def _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidance_scale, device, dtype) -> BenchModel:
-    from ..denoisers import DiscreteVPDenoiser
-    from ..schedules import clamp_sigma_range
-
     tokenizer = _load_component(root, "tokenizer", index["tokenizer"])
     text_encoder = _load_component(root, "text_encoder", index["text_encoder"]).to(device).eval()
     vae = _load_component(root, "vae", index["vae"]).to(device).eval()
@@ -320,8 +299,8 @@ def _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidanc
     def to_image(latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents.to(vae.dtype) / scaling).sample.float().clamp(-1, 1)
 
-    denoiser = DiscreteVPDenoiser.from_scheduler_config(net, scheduler_config)
-    lo, hi = clamp_sigma_range(0.002, 80.0, denoiser.sigma_min, denoiser.sigma_max)
+    reading, denoiser = _denoiser_of_folder(root, net, scheduler_config)
+    lo, hi = clamp_sigma_range(EDM_SIGMA_MIN, EDM_SIGMA_MAX, reading.family.sigma_min, reading.family.sigma_max)
     return BenchModel(
         name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi, unet=net,
         scheduler_config=scheduler_config, to_image=to_image,

@@ -2,11 +2,12 @@
 
 The folder holds the UNet (EMA weights; the augmentation projection is dropped, which is
 exact at sampling because the augmentation vector is zero there) and
-`edm_sampling.schedulers.EDMScheduler` configured for EDM preconditioning
-(model_family="edm", sigma_data): its `scale_model_input` applies c_in, its timesteps are
-c_noise = ln(sigma)/4 (what the trainer fed the UNet) and its `step` forms
-D = c_skip x + c_out F. `DiffusionPipeline.from_pretrained(folder)` gives back
-`edm_sampling.pipelines.EDMPipeline`, offline.
+`edm_sampling.schedulers.EDMScheduler` configured by the model's family object
+(model_family="edm", sigma_data): its state is kept in the UNet's input scale c_in, its
+timesteps are c_noise = ln(sigma)/4 (what the trainer fed the UNet) and its `step` forms
+D = c_skip x + c_out F. `EDMPipeline.from_pretrained(folder)`, or
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a process that has not
+imported edm_sampling, gives back `edm_sampling.pipelines.EDMPipeline`, offline.
 
 The folder is written next to its final place and moved in with `os.replace`; an existing
 folder is replaced only with ``overwrite=True``.
@@ -23,31 +24,32 @@ from typing import Any
 
 import torch
 
-from edm_sampling.denoisers import EDMDenoiser
+from edm_sampling.families import EDM
 
 
-def _edm_parts(source: Any) -> tuple[torch.nn.Module, float]:
-    """(UNet, sigma_data) from a Trainer (its EMA) or a denoiser built by `precondition`."""
+def _edm_parts(source: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(UNet, EDMScheduler config of its family) from a Trainer (its EMA) or a denoiser built by
+    `precondition`."""
     denoiser = getattr(source, "ema", source)
     denoiser = getattr(denoiser, "module", denoiser)
-    if not isinstance(denoiser, EDMDenoiser):
-        raise ValueError(
-            f"only EDM-preconditioned models can be exported for EDMScheduler, got {type(denoiser).__name__}"
-        )
+    family = getattr(denoiser, "family", None)
+    if not isinstance(family, EDM):
+        name = family.name if family is not None else type(denoiser).__name__
+        raise ValueError(f"only EDM-preconditioned models can be exported for EDMScheduler, got {name!r}")
     net = denoiser.net
     if getattr(net, "fourier", False):
         raise ValueError("a fourier UNet2DModel cannot be exported: the scheduler feeds it c_noise, not exp(c_noise)")
-    return net.unet, float(denoiser.sigma_data)
+    return net.unet, family.scheduler_config()
 
 
 def build_pipeline(source: Any):
-    """An `EDMPipeline` (UNet copy + `EDMScheduler(model_family="edm", sigma_data=...)`)."""
+    """An `EDMPipeline` (UNet copy + the EDMScheduler its family describes)."""
     from edm_sampling.pipelines import EDMPipeline
     from edm_sampling.schedulers import EDMScheduler
 
-    unet, sigma_data = _edm_parts(source)
+    unet, scheduler_config = _edm_parts(source)
     unet = copy.deepcopy(unet).to("cpu").float().eval()
-    scheduler = EDMScheduler(model_family="edm", sigma_data=sigma_data)
+    scheduler = EDMScheduler(**scheduler_config)
     return EDMPipeline(unet=unet, scheduler=scheduler)
 
 

@@ -1,8 +1,8 @@
 """A diffusers UNet as a core denoiser D(x; sigma), ready for training.
 
-The preconditioning itself is the core's (`edm_sampling.denoisers`): `EDMDenoiser`,
-`ContinuousVPDenoiser`, and the VE row of Table 1 below, all built on
-`PreconditionedDenoiser`, so sampling and training evaluate the same D:
+The preconditioning itself is the core's: a model family of `edm_sampling.families` (EDM, the
+continuous VP and the VE rows of Table 1) inside the core `PreconditionedDenoiser`, so sampling
+and training evaluate the same D:
 
     D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
 
@@ -29,17 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from edm_sampling.denoisers import (
-    Coefficients,
-    ContinuousVPDenoiser,
-    EDMDenoiser,
-    PreconditionedDenoiser,
-    undo_fourier_division,
-    ve_c_noise,
-    ve_coefficients,
-)
+from edm_sampling.denoisers import PreconditionedDenoiser, VEDenoiser, undo_fourier_division
+from edm_sampling.families import EDM, VE, ContinuousVP, Family
 
+# training family names (the loss names): "vp" is Table 1's continuous VP, also "continuous_vp"
 FAMILIES = ("edm", "vp", "ve")
+_FAMILY_ALIASES = {"continuous_vp": "vp"}
 
 
 def is_fourier_unet(unet: nn.Module) -> bool:
@@ -112,19 +107,25 @@ class UNetNet(nn.Module):
         return output
 
 
-class VETrainingDenoiser(PreconditionedDenoiser):
+class VETrainingDenoiser(VEDenoiser):
     """Table 1's VE row for a positional-embedding network: c_skip = 1, c_out = sigma,
-    c_in = 1, c_noise = ln(sigma / 2), on 0.02 .. 100."""
+    c_in = 1, c_noise = ln(sigma / 2), on 0.02 .. 100 (family `VE(time_input="positional")`)."""
 
     def __init__(self, net: nn.Module, sigma_min: float = 0.02, sigma_max: float = 100.0):
-        super().__init__(net)
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        super().__init__(net, sigma_min, sigma_max, time_input="positional")
 
-    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
-        return ve_coefficients(sigma)
 
-    def net_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return ve_c_noise(sigma)
+def training_family(family: str, sigma_data: float = 0.5) -> Family:
+    """The model family a training run preconditions with: "edm", "vp" (continuous VP, also
+    spelled "continuous_vp") or "ve" (positional VE)."""
+    name = _FAMILY_ALIASES.get(family, family)
+    if name not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} (or 'continuous_vp'), got {family!r}")
+    if name == "edm":
+        return EDM(sigma_data)
+    if name == "vp":
+        return ContinuousVP()
+    return VE(0.02, 100.0, time_input="positional")
 
 
 def precondition(
@@ -135,19 +136,14 @@ def precondition(
     augment_dim: int = 0,
     undo_fourier_division: bool = False,
 ) -> PreconditionedDenoiser:
-    """Wrap a diffusers UNet as the core denoiser of ``family`` ("edm", "vp" or "ve").
+    """Wrap a diffusers UNet as the core denoiser of ``family`` ("edm", "vp" = continuous VP, or "ve").
 
     The result is a core `PreconditionedDenoiser` whose ``net`` is a :class:`UNetNet`; call it
     as ``D(x, sigma, class_labels=..., encoder_hidden_states=..., augment_labels=...)``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    family_object = training_family(family, sigma_data)
     net = UNetNet(unet, augment_dim=augment_dim, undo_fourier=undo_fourier_division)
-    if family == "edm":
-        return EDMDenoiser(net, sigma_data=sigma_data)
-    if family == "vp":
-        return ContinuousVPDenoiser(net)
-    return VETrainingDenoiser(net)
+    return PreconditionedDenoiser(net, family_object)
 
 
 def unet_of(denoiser: nn.Module) -> nn.Module:

@@ -256,12 +256,15 @@ def sampler_styles(names: Sequence[str], families: dict[str, str]) -> dict[str, 
     }
 
 
-def _label_log_axis(axis, which: str) -> None:
-    """Plain-number labels on a log axis, with 2 and 5 between the powers of ten labelled too."""
+def _label_log_y(axis) -> None:
+    """Plain-number labels on a log y axis: at 1, 2 and 5 times the powers of ten when it spans
+    up to 3 decades, else at every power of ten (call after the data are plotted)."""
     from matplotlib import ticker
 
-    target = axis.xaxis if which == "x" else axis.yaxis
-    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    low, high = axis.get_ylim()
+    decades = math.log10(max(high, 1e-300)) - math.log10(max(low, 1e-300))
+    target = axis.yaxis
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,), numticks=30))
     target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     target.set_minor_formatter(ticker.NullFormatter())
 
@@ -304,12 +307,12 @@ def plot_quality_vs_nfe(rows: Sequence[dict], path: str | Path, title: str = "",
             band = axis.axhspan(max(low, 1e-12), high, color="0.6", alpha=0.35, zorder=0)
             handles["true data"] = band
         axis.set_xscale("log")
-        _label_log_axis(axis, "x")
         axis.set_xticks(nfes)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if log:
             axis.set_yscale("log")
-            _label_log_axis(axis, "y")
+            _label_log_y(axis)
         else:
             axis.set_ylim(bottom=0)
         axis.set_xlabel("model calls (NFE)")

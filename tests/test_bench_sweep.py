@@ -126,8 +126,13 @@ def test_bench_on_a_local_diffusers_folder(tmp_path, ddpm_folder):
     for i in range(4):
         Image.fromarray((np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
     result = run_sweep(SweepConfig(model=str(ddpm_folder), samplers=["edm-euler"], nfe=[2], num_samples=4, reference_steps=0,
-                                   reference=str(images), stats_cache=str(tmp_path / "cache"), progress=False))
+                                   reference=str(images), stats_cache=str(tmp_path / "cache"), progress=False,
+                                   output=str(tmp_path / "with-reference")))
     assert np.isfinite(result["rows"][0]["fd"]) and np.isnan(result["rows"][0]["error_mean"])
+    # the grid shows the --reference images beside the samples: two panels side by side
+    alone = Image.open(tmp_path / "out" / "grids" / "ddim_nfe3.png")  # no data to show: one panel
+    beside = Image.open(tmp_path / "with-reference" / "grids" / "edm-euler_nfe2.png")
+    assert beside.width > 1.6 * alone.width
 
 
 def test_bench_on_a_stable_diffusion_folder(tmp_path):

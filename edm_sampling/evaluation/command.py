@@ -164,7 +164,7 @@ def tune_main(args) -> int:
     larger than the metric's noise."""
     from .tune import run_tune
 
-    config = _config_from_args(args, nfe=[args.nfe], reference_steps=0, samplers=[], tune=True)
+    config = _config_from_args(args, nfe=[args.nfe], samplers=[], tune=True)
     result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
                       s_noise=args.s_noise, bootstrap=args.bootstrap)
     if not result:
@@ -187,10 +187,15 @@ def tune_main(args) -> int:
     print(f"best at NFE {best['nfe']}: S_churn={best['s_churn']:g} S_tmin={best['s_tmin']:g} S_tmax={best['s_tmax']:g} "
           f"S_noise={best['s_noise']:g}  FD {best['fd']:.4g} +- {best['fd_std']:.2g} "
           f"(deterministic: {result['deterministic_fd']:.4g})")
-    if best["s_churn"] > 0 and best["fd_delta_std"] == best["fd_delta_std"]:
+    churned = [r for r in result["grid"] if r["s_churn"] > 0 and r["fd_delta_std"] == r["fd_delta_std"]]
+    if best["s_churn"] > 0 and churned:
         margin = -best["fd_delta"] / best["fd_delta_std"] if best["fd_delta_std"] > 0 else float("inf")
         verdict = "a real win" if margin >= 2 else "within the noise: not a reliable win"
         print(f"its gain over the deterministic sampler: {-best['fd_delta']:.3g} = {margin:.1f} std of the paired difference: {verdict}")
+    elif churned:
+        nearest = churned[0]
+        print(f"no churn setting beats the deterministic sampler; the best one is worse by {nearest['fd_delta']:.3g} "
+              f"= {nearest['fd_delta'] / max(nearest['fd_delta_std'], 1e-12):.1f} std of the paired difference")
     print(f"outputs: {config.output}")
     print(f"wall time: {_since_start(args):.1f} s since the command started")
     return 0

@@ -70,6 +70,7 @@ class SweepConfig:
     grid_images: int = 64
     progress: bool = True
     quiet: bool = False
+    ode_errors: bool = True
     extra_specs: list = field(default_factory=list)
 
     def validate(self) -> list[SamplerSpec]:
@@ -256,7 +257,7 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     if not fd_available:
         notes.append("Frechet distance skipped: a --model folder has no reference data; give --reference "
                      "(a folder of images or an .npz with mu and sigma)")
-    if config.reference_steps == 0:
+    if config.reference_steps == 0 and config.ode_errors:
         notes.append("ODE error skipped: --reference-steps 0")
     elif model.exact_solution is not None and config.reference_steps != SweepConfig.reference_steps:
         notes.append(f"--reference-steps {config.reference_steps} ignored: {config.model} has an exact reference "
@@ -319,7 +320,7 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
     if rank == 0 and not config.quiet:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-    do_errors = config.reference_steps > 0
+    do_errors = config.ode_errors and config.reference_steps > 0
     from tqdm.auto import tqdm
 
     my_samples = sum(len(chunks[k]) for k in mine)
@@ -410,7 +411,7 @@ def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[
         "features": features.name,
         "feature_info": features.describe(image_shape),
         "reference_statistics": None if stats is None else stats[2],
-        "ode_reference": "none" if not config.reference_steps
+        "ode_reference": "none" if not (config.ode_errors and config.reference_steps)
         else (model.ode_reference if exact else f"Heun, {config.reference_steps} steps ({2 * config.reference_steps - 1} NFE), float64"),
         "ode_reference_check": ref_check,
         "has_modes": model.assign is not None,

@@ -101,7 +101,7 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     if bootstrap < 0 or bootstrap == 1:
         raise ValueError(f"--bootstrap must be 0 (none) or >= 2, got {bootstrap}")
     grid = churn_grid(s_churn, s_tmin, s_tmax, s_noise)
-    config.samplers, config.reference_steps = [], 0
+    config.samplers, config.ode_errors = [], False  # scored by FD only
     config.extra_specs = [SAMPLERS[base]]
     config.validate()  # every bad option fails here, before the model is loaded
     model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])

@@ -1,13 +1,17 @@
-"""EDM samplers over any denoiser D(x; sigma) (Karras et al. 2022, Algorithms 1 and 2).
+"""The core sampling loop: execute a solver plan over any denoiser D(x; sigma).
 
-The step rules (`ode_slope`, `euler_step`, `heun_step`) and the churn rules (`churn_gammas`,
-`sigma_hats`, `churn_noise_std`, `initial_noise_std`) are written here once; the sampling
-loops below and the diffusers schedulers call them. Nothing here imports diffusers.
+Every solver is a plan (`solvers`): per model call, a linear combination of stored states and
+denoiser outputs with coefficients fixed at set-up. `execute_plan` runs any plan; `sample` builds
+the plan of a registered solver on a grid (with Algorithm 2's churn for Euler / Heun) and runs
+it. The step and churn rules live in `solvers` and are re-exported here for the callers of the
+first API. `sample_ablation` keeps its own loop: it solves the paper's general ODE in t with
+sigma(t) and s(t). Nothing here imports diffusers.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,87 +24,51 @@ from .schedules import (
     EDM_SIGMA_MIN,
     SCALINGS,
     SIGMA_SCHEDULES,
+    VP_EPSILON_S,
     Scaling,
     SigmaSchedule,
     check_num_steps,
+    check_sigmas,
+    check_sigmas_in_range,
     clamp_sigma_range,
-    discretization,
+    default_sigma_range,
+    sigma_grid,
+    vp_betas_for_range,
+    vp_schedule,
+)
+from .solvers import (
+    MAX_GAMMA,
+    SOLVERS as SOLVER_REGISTRY,
+    Combination,
+    SolverPlan,
+    check_churn,
+    churn_gammas,
+    churn_noise_std,
+    euler_step,
+    heun_step,
+    initial_noise_std,
+    make_plan,
+    ode_slope,
+    sigma_hats,
+    solver_info,
 )
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 DenoiserFn = Callable[..., torch.Tensor]
-SOLVERS = ("heun", "euler")
-MAX_GAMMA = math.sqrt(2.0) - 1.0
+SOLVERS = tuple(SOLVER_REGISTRY)
+ABLATION_SOLVERS = ("heun", "euler")
+
+__all__ = [
+    "MAX_GAMMA", "SOLVERS", "NonFiniteOutputError", "SamplerOutput", "check_churn", "check_generator",
+    "check_sigmas", "check_sigmas_in_range", "churn_gammas", "churn_noise_std", "churned_grid",
+    "denoiser_sigmas", "euler_step", "execute_plan", "heun_step", "initial_noise_std", "ode_slope",
+    "randn", "round_grid", "sample", "sample_ablation", "sample_euler", "sample_heun",
+    "sample_stochastic", "sigma_hats",
+]
 
 
 class NonFiniteOutputError(RuntimeError):
     """The model returned NaN or inf during sampling."""
-
-
-# --- step rules ----------------------------------------------------------------------------------
-
-
-def ode_slope(x: torch.Tensor, denoised: torch.Tensor, sigma: Any) -> torch.Tensor:
-    """dx/dsigma of the probability-flow ODE with sigma(t) = t, s(t) = 1: (x - D(x; sigma)) / sigma."""
-    return (x - denoised) / sigma
-
-
-def euler_step(x: torch.Tensor, slope: torch.Tensor, sigma: Any, sigma_next: Any) -> torch.Tensor:
-    """One Euler step: x + (sigma_next - sigma) slope. Also used in t for the general ODE."""
-    return x + (sigma_next - sigma) * slope
-
-
-def heun_step(
-    x: torch.Tensor, slope: torch.Tensor, slope_next: torch.Tensor, sigma: Any, sigma_next: Any, alpha: float = 1.0
-) -> torch.Tensor:
-    """The generalized second-order step: x + h ((1 - 1/(2 alpha)) slope + 1/(2 alpha) slope_next),
-    h = sigma_next - sigma, with slope_next evaluated at sigma + alpha h; alpha = 1 is Heun's
-    trapezoidal rule x + h (slope + slope_next) / 2."""
-    weight = 1.0 / (2.0 * alpha)
-    return x + (sigma_next - sigma) * ((1.0 - weight) * slope + weight * slope_next)
-
-
-# --- churn (Algorithm 2) -------------------------------------------------------------------------
-
-
-def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
-    """Raise a ValueError naming the parameter for churn settings outside their range."""
-    if not (math.isfinite(s_churn) and s_churn >= 0):
-        raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn!r}")
-    if not s_tmin >= 0:
-        raise ValueError(f"s_tmin must be >= 0, got {s_tmin!r}")
-    if not s_tmax >= s_tmin:
-        raise ValueError(f"s_tmax must be >= s_tmin={s_tmin!r}, got {s_tmax!r}")
-    if not (math.isfinite(s_noise) and s_noise > 0):
-        raise ValueError(f"s_noise must be a finite number > 0, got {s_noise!r}")
-
-
-def churn_gammas(
-    sigmas: Sequence[float] | torch.Tensor, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf
-) -> list[float]:
-    """gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0, for the
-    N = len(sigmas) - 1 steps. Known before sampling starts."""
-    levels = [float(s) for s in sigmas[:-1]]
-    gamma = min(s_churn / len(levels), MAX_GAMMA) if levels else 0.0
-    return [gamma if s_tmin <= s <= s_tmax else 0.0 for s in levels]
-
-
-def sigma_hats(sigmas: Sequence[float] | torch.Tensor, gammas: Sequence[float], sigma_max: float = math.inf) -> list[float]:
-    """sigma_hat_i = sigma_i (1 + gamma_i), the raised noise level the model is evaluated at,
-    capped at the model's sigma_max (it cannot be evaluated above it) but never below sigma_i."""
-    return [max(min(float(s) * (1.0 + g), sigma_max), float(s)) for s, g in zip(sigmas[:-1], gammas)]
-
-
-def churn_noise_std(sigma: float, sigma_hat: float, s_noise: float = 1.0) -> float:
-    """The std of the noise that lifts x from sigma to sigma_hat: sqrt(sigma_hat^2 - sigma^2) S_noise."""
-    return math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * s_noise
-
-
-def initial_noise_std(sigma_0: float, sigma_hat_0: float, s_noise: float = 1.0) -> float:
-    """The std of x_hat_0 when x_0 = sigma_0 z is churned to sigma_hat_0:
-    sqrt(sigma_0^2 + (sigma_hat_0^2 - sigma_0^2) S_noise^2). Starting from z times this is
-    Algorithm 2's first step exactly in distribution, with one noise draw."""
-    return math.sqrt(sigma_0**2 + churn_noise_std(sigma_0, sigma_hat_0, s_noise) ** 2)
 
 
 # --- noise ---------------------------------------------------------------------------------------
@@ -138,7 +106,7 @@ def randn(
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
-# --- sampling loops ------------------------------------------------------------------------------
+# --- executing a plan ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -151,44 +119,12 @@ class SamplerOutput:
     sigma_hats: list[float] = field(default_factory=list)
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
-    """A sampling grid: 1-D, at least 2 levels, finite, strictly decreasing, last >= 0, others > 0."""
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D sequence of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
-    if not bool(torch.isfinite(sigmas).all()):
-        raise ValueError("sigmas must be finite")
-    if not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must be strictly decreasing, got {sigmas.tolist()}")
-    if not (float(sigmas[-1]) >= 0 and float(sigmas[-2]) > 0):
-        raise ValueError("sigmas must be > 0 except the last, which may be 0")
-
-
-def _check_solver(solver: str, alpha: float) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-
-
 def round_grid(sigmas: torch.Tensor, round_sigma: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The grid with every positive level passed through `round_sigma` (the final 0 kept), so
     the ODE is solved at levels a discrete model represents exactly."""
     rounded = sigmas.clone()
     rounded[sigmas > 0] = round_sigma(sigmas[sigmas > 0]).to(torch.float64)
     return rounded
-
-
-def check_sigmas_in_range(sigmas: torch.Tensor, sigma_min: float, sigma_max: float, name: str = "sigmas") -> None:
-    """Every positive level must lie in the model's range [sigma_min, sigma_max] (a relative
-    1e-3 of slack for rounded values such as 0.01); outside it a model is evaluated where it
-    was not trained."""
-    positive = sigmas[sigmas > 0]
-    lo, hi = float(positive.min()), float(positive.max())
-    if hi > sigma_max * (1 + 1e-3) or lo < sigma_min * (1 - 1e-3):
-        raise ValueError(
-            f"{name} span [{lo:.6g}, {hi:.6g}] but the model supports [{sigma_min:.6g}, {sigma_max:.6g}]; "
-            "clamp the grid to the model's range (denoiser_sigmas does)"
-        )
 
 
 def churned_grid(
@@ -200,7 +136,7 @@ def churned_grid(
     sigma_max: float = math.inf,
 ) -> tuple[torch.Tensor, list[float]]:
     """The grid with its positive levels rounded, and every step's sigma_hat (capped at the
-    model's sigma_max, then rounded): the plan shared by `sample`, `sample_ablation` and the
+    model's sigma_max, then rounded): the levels shared by `sample`, `sample_ablation` and the
     diffusers scheduler."""
     grid = round_grid(sigmas, round_sigma)
     gammas = churn_gammas(grid, s_churn, s_tmin, s_tmax)
@@ -226,13 +162,79 @@ def _evaluate(
     return denoised
 
 
+def _combine(update: Combination, states: deque, denoised: deque) -> torch.Tensor:
+    """sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j] as one multiply and fused in-place
+    adds (D None, the analytical first step's zero estimate, adds nothing)."""
+    terms = [(c, states[-1 - k]) for k, c in enumerate(update.states) if c != 0.0]
+    terms += [(c, denoised[-1 - j]) for j, c in enumerate(update.denoised) if c != 0.0 and denoised[-1 - j] is not None]
+    if not terms:
+        return torch.zeros_like(states[-1])
+    result = torch.mul(terms[0][1], terms[0][0])
+    for coefficient, tensor in terms[1:]:
+        result.add_(tensor, alpha=coefficient)
+    return result
+
+
+def execute_plan(
+    plan: SolverPlan,
+    denoiser: DenoiserFn,
+    latents: torch.Tensor,
+    *,
+    generator: Generator = None,
+    model_kwargs: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    check_finite: bool = True,
+    state_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> SamplerOutput:
+    """Run `plan` from `latents` ~ N(0, I): X[0] = init_std * latents; per Step, D(X[-1]; sigma)
+    (or no call), then each update appended to X; the sample is the last X.
+
+    Only the plan's look-back window of X and D is kept. Churn noise (an update's noise_std) is
+    drawn with `generator` (a list: one per sample) in step order. `callback` gets, after each
+    grid step i, {"i", "x" (before the next step's churn noise), "sigma", "sigma_hat",
+    "sigma_next", "denoised" (D at the step's first call; None under afs)}.
+    """
+    check_generator(generator, latents.shape[0])
+    model_kwargs = dict(model_kwargs or {})
+    dtype = _state_dtype(state_dtype, latents)
+    states: deque = deque([latents.to(dtype) * plan.init_std], maxlen=plan.state_history)
+    denoised: deque = deque(maxlen=plan.denoised_history)
+    first_denoised: torch.Tensor | None = None
+    nfe = 0
+    for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="sampling")):
+        if step.sigma is None:
+            denoised.append(None)
+        else:
+            denoised.append(_evaluate(denoiser, states[-1], step.sigma, model_kwargs, step.index, check_finite))
+            nfe += 1
+        if k == 0 or plan.steps[k - 1].index != step.index:
+            first_denoised = denoised[-1]
+        clean = states[-1]
+        for update in step.updates:
+            clean = _combine(update, states, denoised)
+            new = clean
+            if update.noise_std > 0:
+                new = clean + update.noise_std * randn(clean.shape, generator, clean.device, dtype)
+            states.append(new)
+        last_of_grid_step = k + 1 == len(plan.steps) or plan.steps[k + 1].index != step.index
+        if callback is not None and last_of_grid_step:
+            i = step.index
+            callback({"i": i, "x": clean, "sigma": plan.sigmas[i], "sigma_hat": plan.sigma_hats[i],
+                      "sigma_next": plan.sigmas[i + 1], "denoised": first_denoised})
+    return SamplerOutput(sample=states[-1], nfe=nfe, sigmas=torch.tensor(plan.sigmas, dtype=torch.float64),
+                         sigma_hats=list(plan.sigma_hats))
+
+
 def sample(
     denoiser: DenoiserFn,
     latents: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
     *,
     solver: str = "heun",
-    alpha: float = 1.0,
+    alpha: float | None = None,
+    order: int | None = None,
+    afs: bool = False,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
@@ -244,51 +246,43 @@ def sample(
     model_kwargs: dict[str, Any] | None = None,
     round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
     check_finite: bool = True,
+    solver_options: dict[str, Any] | None = None,
 ) -> SamplerOutput:
-    """Solve the probability-flow ODE from pure noise down the grid `sigmas` (Algorithm 1), with
-    optional churn (Algorithm 2).
+    """Solve the probability-flow ODE from pure noise down the grid `sigmas` with any registered
+    `solver` (`solvers.SOLVERS`), through its plan.
 
-    `latents` ~ N(0, I); the state starts at latents * initial_noise_std(sigma_0, sigma_hat_0)
-    and the model is first evaluated at sigma_hat_0. Before step i >= 1 the state is lifted from
-    sigma_i to sigma_hat_i with fresh noise (drawn with `generator`; a list = one per sample) and
-    the model is evaluated at (x_hat, sigma_hat). Heun makes 2N - 1 calls for N steps (the last,
-    to sigma = 0, is an Euler step), Euler N. The grid and every sigma_hat are passed through
-    `round_sigma` (default: the denoiser's) so the ODE is solved at levels the model represents.
+    `latents` ~ N(0, I). `alpha` (heun), `order` (ipndm, ipndm_v, unipc, deis), `afs` (every
+    one-call-per-step solver) and `solver_options` (e.g. unipc's corrector / variant) go to the
+    solver's plan; an option it does not take is a ValueError. Churn (Algorithm 2: euler and heun
+    only; s_churn > 0 with another solver is a ValueError naming s_churn) starts the state at
+    latents * initial_noise_std(sigma_0, sigma_hat_0), evaluates the model at (x_hat_i,
+    sigma_hat_i) and draws the noise that lifts sigma_{i+1} to sigma_hat_{i+1} with `generator`
+    (a list = one per sample). Heun makes 2N - 1 calls for N steps ending at 0, the multistep
+    solvers N (N - 1 under afs). The grid and every sigma_hat are passed through `round_sigma`
+    (default: the denoiser's) so the ODE is solved at levels the model represents. Every check
+    runs before the first model call.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     check_sigmas(sigmas)
-    _check_solver(solver, alpha)
+    info = solver_info(solver)
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    if s_churn > 0 and not info.churn:
+        raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVER_REGISTRY.items() if i.churn]} only; "
+                         f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
     check_generator(generator, latents.shape[0])
-    model_kwargs = dict(model_kwargs or {})
+    _state_dtype(state_dtype, latents)
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)
-
     check_sigmas_in_range(sigmas, getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf))
-    sigmas, hats = churned_grid(sigmas, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
-    levels = sigmas.tolist()
-    dtype = _state_dtype(state_dtype, latents)
-
-    x = latents.to(dtype) * initial_noise_std(levels[0], hats[0], s_noise)
-    nfe = 0
-    for i in tqdm(range(len(levels) - 1), disable=not progress, desc="sampling"):
-        sigma, sigma_hat, sigma_next = levels[i], hats[i], levels[i + 1]
-        if i > 0 and sigma_hat > sigma:
-            x = x + churn_noise_std(sigma, sigma_hat, s_noise) * randn(x.shape, generator, x.device, dtype)
-        denoised = _evaluate(denoiser, x, sigma_hat, model_kwargs, i, check_finite)
-        nfe += 1
-        slope = ode_slope(x, denoised, sigma_hat)
-        if solver == "euler" or sigma_next == 0:
-            x_next = euler_step(x, slope, sigma_hat, sigma_next)
-        else:
-            sigma_mid = sigma_hat + alpha * (sigma_next - sigma_hat)
-            x_mid = euler_step(x, slope, sigma_hat, sigma_mid)
-            denoised_mid = _evaluate(denoiser, x_mid, sigma_mid, model_kwargs, i, check_finite)
-            nfe += 1
-            x_next = heun_step(x, slope, ode_slope(x_mid, denoised_mid, sigma_mid), sigma_hat, sigma_next, alpha)
-        if callback is not None:
-            callback({"i": i, "x": x_next, "sigma": sigma, "sigma_hat": sigma_hat, "sigma_next": sigma_next, "denoised": denoised})
-        x = x_next
-    return SamplerOutput(sample=x, nfe=nfe, sigmas=sigmas, sigma_hats=hats)
+    grid, hats = churned_grid(sigmas, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
+    options = dict(solver_options or {})
+    options.update({k: v for k, v in (("alpha", alpha), ("order", order)) if v is not None})
+    if afs:
+        options["afs"] = afs
+    if info.churn and s_churn > 0:
+        options.update(sigma_hats=hats, s_noise=s_noise)
+    plan = make_plan(solver, grid, **options)
+    return execute_plan(plan, denoiser, latents, generator=generator, model_kwargs=model_kwargs, callback=callback,
+                        check_finite=check_finite, state_dtype=state_dtype, progress=progress)
 
 
 def sample_heun(denoiser: DenoiserFn, latents: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, **kwargs: Any) -> SamplerOutput:
@@ -322,12 +316,16 @@ def denoiser_sigmas(
     sigma_max: float = EDM_SIGMA_MAX,
     rho: float = EDM_RHO,
     discretization_name: str = "karras",
+    **schedule_options: Any,
 ) -> torch.Tensor:
-    """A grid for `denoiser`: the requested range clamped to the model's, then discretized."""
+    """A grid for `denoiser`: the requested range clamped to the model's, then the named
+    schedule (`schedules.sigma_grid`; `rho` for "karras")."""
     lo, hi = clamp_sigma_range(
         sigma_min, sigma_max, getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf)
     )
-    return discretization(discretization_name, num_steps, lo, hi, rho)
+    if discretization_name == "karras":
+        schedule_options.setdefault("rho", rho)
+    return sigma_grid(discretization_name, num_steps, lo, hi, **schedule_options)
 
 
 # --- the paper's general sampler (sigma(t), s(t)), for ablations ---------------------------------
@@ -340,6 +338,19 @@ def general_ode_slope(
     return (sigma_deriv / sigma + s_deriv / s) * x - sigma_deriv * s / sigma * denoised
 
 
+def _ablation_schedule(schedule: str | SigmaSchedule, sigma_min: float, sigma_max: float, epsilon_s: float) -> SigmaSchedule:
+    """The ODE's sigma(t). "vp" is refitted to the sampling range as the paper does: beta_d and
+    beta_min with sigma_VP(epsilon_s) = sigma_min and sigma_VP(1) = sigma_max, so t in
+    [epsilon_s, 1] spans exactly the range sampled."""
+    if isinstance(schedule, SigmaSchedule):
+        return schedule
+    if schedule == "vp":
+        return vp_schedule(*vp_betas_for_range(sigma_min, sigma_max, epsilon_s))
+    if schedule not in SIGMA_SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SIGMA_SCHEDULES)}, got {schedule!r}")
+    return SIGMA_SCHEDULES[schedule]
+
+
 def sample_ablation(
     denoiser: DenoiserFn,
     latents: torch.Tensor,
@@ -348,9 +359,10 @@ def sample_ablation(
     discretization_name: str = "karras",
     schedule: str | SigmaSchedule = "linear",
     scaling: str | Scaling = "none",
-    sigma_min: float = EDM_SIGMA_MIN,
-    sigma_max: float = EDM_SIGMA_MAX,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
     rho: float = EDM_RHO,
+    epsilon_s: float = VP_EPSILON_S,
     solver: str = "heun",
     alpha: float = 1.0,
     s_churn: float = 0.0,
@@ -365,20 +377,34 @@ def sample_ablation(
     """The paper's general deterministic/stochastic sampler: grid `discretization_name`, ODE in t
     with schedule sigma(t) and scaling s(t) (eq. 4), Euler or the alpha-generalized second-order
     step. schedule="linear", scaling="none" is exactly `sample` (sigma(t) = t, s(t) = 1); "vp"/"vp"
-    and "ve"/"none" are the original samplers' ODEs."""
+    and "ve"/"none" are the original samplers' ODEs.
+
+    The range defaults to the paper's for the discretization (vp [0.0105, 152] with epsilon_s =
+    1e-3, ve [0.02, 100], iddpm [0.002, 81], else [0.002, 80]), clamped to the model's; the VP
+    schedule's betas are refitted to that range.
+    """
     check_num_steps(num_steps)
-    _check_solver(solver, alpha)
+    if solver not in ABLATION_SOLVERS:
+        raise ValueError(f"solver must be one of {ABLATION_SOLVERS} for sample_ablation, got {solver!r}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
     check_generator(generator, latents.shape[0])
-    sched = SIGMA_SCHEDULES.get(schedule) if isinstance(schedule, str) else schedule
     scale = SCALINGS.get(scaling) if isinstance(scaling, str) else scaling
-    if not isinstance(sched, SigmaSchedule):
-        raise ValueError(f"schedule must be one of {sorted(SIGMA_SCHEDULES)}, got {schedule!r}")
     if not isinstance(scale, Scaling):
         raise ValueError(f"scaling must be one of {sorted(SCALINGS)}, got {scaling!r}")
+    options = {"epsilon_s": epsilon_s} if discretization_name == "vp" else {}
+    default_lo, default_hi = default_sigma_range(discretization_name, **options)
+    lo, hi = clamp_sigma_range(
+        default_lo if sigma_min is None else sigma_min,
+        default_hi if sigma_max is None else sigma_max,
+        getattr(denoiser, "sigma_min", 0.0),
+        getattr(denoiser, "sigma_max", math.inf),
+    )
+    sched = _ablation_schedule(schedule, lo, hi, epsilon_s)
     model_kwargs = dict(model_kwargs or {})
     round_sigma = getattr(denoiser, "round_sigma", None) or (lambda s: s)
-    grid = denoiser_sigmas(denoiser, num_steps, sigma_min, sigma_max, rho, discretization_name)
+    grid = denoiser_sigmas(denoiser, num_steps, lo, hi, rho, discretization_name, **options)
     sigmas, hats = churned_grid(grid, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
     dtype = _state_dtype(state_dtype, latents)
 

@@ -79,9 +79,40 @@ def test_ablation_sampler_linear_equals_sample_and_vp_ode_converges():
     exact = ORACLE.ode_solution(z * 80.0, 80.0, 0.0)
     vp_errors = [(SM.sample_ablation(ORACLE, z, n, schedule="vp", scaling="vp").sample - exact).abs().max().item() for n in (16, 32, 64)]
     assert vp_errors[2] < vp_errors[1] < vp_errors[0] and vp_errors[2] < 0.02
-    ve_errors = [(SM.sample_ablation(ORACLE, z, n, discretization_name="ve", schedule="ve").sample - exact).abs().max().item()
-                 for n in (32, 64, 128)]
+    ve_runs = [SM.sample_ablation(ORACLE, z, n, discretization_name="ve", schedule="ve") for n in (32, 64, 128)]
+    ve_exact = ORACLE.ode_solution(z * 100.0, 100.0, 0.0)  # VE's own range starts at 100
+    ve_errors = [(out.sample - ve_exact).abs().max().item() for out in ve_runs]
+    assert ve_runs[0].sigmas[0].item() == 100.0
     assert ve_errors[2] < ve_errors[1] < ve_errors[0] and ve_errors[2] < 0.05
+
+
+@pytest.mark.parametrize(
+    "discretization, first, last",
+    [("vp", 152.1670, 0.0104860), ("ve", 100.0, 0.02), ("iddpm", 80.2037, 0.00642541), ("karras", 80.0, 0.002)],
+)
+def test_ablation_grids_default_to_the_papers_ranges(discretization, first, last):
+    model = Recorder(ORACLE)
+    SM.sample_ablation(model, latents(1), 6, discretization_name=discretization, solver="euler")
+    called = [sigma[0].item() for _, sigma, _ in model.calls]
+    assert called[0] == pytest.approx(first, rel=1e-5) and called[-1] == pytest.approx(last, rel=1e-5)
+
+
+def test_ablation_vp_schedule_is_refitted_to_the_sampling_range():
+    """With schedule "vp" the ODE's sigma(t) uses the betas refitted to [sigma_min, sigma_max]
+    (17.538, -0.00477 for [0.002, 80]), so the VP grid is uniform in that t and Heun's alpha = 1/2
+    midpoints sit at sigma_VP((t_i + t_{i+1}) / 2) of the refitted schedule."""
+    from edm_sampling.schedules import vp_betas_for_range, vp_sigma
+
+    model = Recorder(ORACLE)
+    n = 5
+    SM.sample_ablation(model, latents(1), n, discretization_name="vp", schedule="vp", scaling="vp", sigma_min=0.002,
+                       sigma_max=80.0, solver="heun", alpha=0.5)
+    betas = vp_betas_for_range(0.002, 80.0, 1e-3)
+    t = [1 + i / (n - 1) * (1e-3 - 1) for i in range(n)]
+    first = [sigma[0].item() for _, sigma, _ in model.calls[0::2]]
+    midpoints = [sigma[0].item() for _, sigma, _ in model.calls[1::2]]
+    assert first == pytest.approx([vp_sigma(ti, *betas).item() for ti in t], rel=1e-9)
+    assert midpoints == pytest.approx([vp_sigma((a + b) / 2, *betas).item() for a, b in zip(t, t[1:])], rel=1e-9)
 
 
 def test_churn_samples_match_the_data_distribution():

@@ -130,3 +130,104 @@ def test_betas_out_of_range_are_rejected():
         S.betas_from_config(beta_end=1.5)
     with pytest.raises(ValueError, match="trained_betas"):
         S.betas_from_config(trained_betas=[])
+
+
+# --- named grids through sigma_grid -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in S.SCHEDULES if n != "gits"])
+def test_every_named_schedule_is_a_decreasing_grid_ending_at_zero(name):
+    grid = S.sigma_grid(name, 7, 0.01, 80.0)
+    assert grid.dtype == torch.float64 and len(grid) == 8 and grid[-1] == 0
+    assert bool((grid[1:] < grid[:-1]).all())
+    if name == "iddpm":  # the table levels inside the range
+        assert 70 < grid[0].item() <= 80.0 and grid[-2].item() >= 0.01
+    else:
+        assert grid[0].item() == pytest.approx(80.0)
+
+
+def test_logsnr_is_geometric_and_ve_is_logsnr_on_the_ve_range():
+    grid = S.sigma_grid("logsnr", 9, 0.01, 80.0)
+    ratios = grid[1:-1] / grid[:-2]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, (0.01 / 80.0) ** (1 / 8)))
+    torch.testing.assert_close(S.sigma_grid("ve", 9), S.logsnr_sigmas(9, 0.02, 100.0))
+
+
+def test_time_grids_are_uniform_in_the_models_time():
+    """time_uniform: equal steps in the continuous VP t (default) or in a discrete model's train
+    timestep (discrete_time_maps); time_quadratic: equal steps in sqrt(t)."""
+    t = S.vp_sigma_inv(S.sigma_grid("time_uniform", 8, 0.01, 80.0)[:-1])
+    torch.testing.assert_close(t.diff(), torch.full((7,), float(t.diff()[0]), dtype=torch.float64))
+    root_t = S.vp_sigma_inv(S.sigma_grid("time_quadratic", 8, 0.01, 80.0)[:-1]).sqrt()
+    torch.testing.assert_close(root_t.diff(), torch.full((7,), float(root_t.diff()[0]), dtype=torch.float64))
+    train = S.alphas_cumprod_to_sigmas(S.alphas_cumprod_from_betas(S.betas_from_config()))
+    to_t, to_sigma = S.discrete_time_maps(train)
+    grid = S.sigma_grid("time_uniform", 10, float(train[0]), float(train[-1]), sigma_to_t=to_t, t_to_sigma=to_sigma)
+    torch.testing.assert_close(S.sigma_to_timestep(grid[:-1], train), torch.linspace(999, 0, 10, dtype=torch.float64))
+
+
+def test_ays_lists_are_the_published_ones_interpolated_and_mapped():
+    for model, levels in S.AYS_SIGMAS.items():
+        torch.testing.assert_close(S.sigma_grid("ays", 10, model=model), torch.tensor([*levels[:-1], 0.0], dtype=torch.float64))
+    twenty = S.sigma_grid("ays", 20)  # 21 levels: every other one is a published level
+    torch.testing.assert_close(twenty[0:-1:2], torch.tensor(S.AYS_SIGMAS["sd15"][:-1], dtype=torch.float64))
+    assert twenty[1].item() == pytest.approx(math.sqrt(S.AYS_SIGMAS["sd15"][0] * S.AYS_SIGMAS["sd15"][1]))
+    mapped = S.sigma_grid("ays", 10, 0.002, 80.0)  # same relative log positions on another range
+    levels = torch.tensor(S.AYS_SIGMAS["sd15"], dtype=torch.float64)
+    relative = (levels.log() - levels[-1].log()) / (levels[0].log() - levels[-1].log())
+    torch.testing.assert_close((mapped[:-1].log() - math.log(0.002)) / math.log(80 / 0.002), relative[:-1])
+
+
+def test_gits_exists_only_for_its_published_step_counts():
+    torch.testing.assert_close(S.sigma_grid("gits", 6), torch.tensor([*S.GITS_SIGMAS[("cifar10", 6)][:-1], 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_steps=5"):
+        S.sigma_grid("gits", 5)
+    assert len(S.sigma_grid("gits", 5, interpolate=True)) == 6
+
+
+def test_vp_refit_to_the_sampling_range():
+    """For [0.002, 80] and epsilon_s = 1e-3 (issue 9 quotes beta_d = 17.538, beta_min = -0.00477):
+    ln(sigma^2 + 1) = beta_d t^2 / 2 + beta_min t solved at t = 1 and t = epsilon_s."""
+    beta_d, beta_min = S.vp_betas_for_range(0.002, 80.0, 1e-3)
+    assert beta_d == pytest.approx(17.53796, abs=1e-5) and beta_min == pytest.approx(-0.004769, abs=1e-6)
+    assert S.vp_sigma(1e-3, beta_d, beta_min).item() == pytest.approx(0.002, rel=1e-9)
+    assert S.vp_sigma(1.0, beta_d, beta_min).item() == pytest.approx(80.0, rel=1e-12)
+    assert S.vp_betas_for_range(*S.default_sigma_range("vp")) == pytest.approx((19.9, 0.1), rel=1e-9)
+
+
+def test_default_ranges_are_the_papers():
+    assert S.default_sigma_range("vp") == pytest.approx((0.0104860, 152.1670), rel=1e-5)
+    assert S.default_sigma_range("ve") == (0.02, 100.0)
+    assert S.default_sigma_range("iddpm") == (0.002, 81.0)
+    assert S.default_sigma_range("karras") == S.default_sigma_range("logsnr") == (0.002, 80.0)
+    assert S.default_sigma_range("ays", model="svd") == (0.002, 700.0)
+    torch.testing.assert_close(S.sigma_grid("iddpm", 18), torch.tensor(IDDPM_GRID_18, dtype=torch.float64), rtol=6e-6, atol=0)
+
+
+def test_user_grids_pass_through_after_checks():
+    torch.testing.assert_close(S.sigma_grid([3.0, 1.0, 0.5]), torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    assert S.sigma_grid(torch.tensor([3.0, 1.0, 0.0]), 2, 0.5, 3.0).tolist() == [3.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: S.sigma_grid("cosine", 10), "schedule"),
+        (lambda: S.sigma_grid([1.0, 2.0, 0.0]), "schedule must be strictly decreasing"),
+        (lambda: S.sigma_grid([2.0, float("inf"), 0.0]), "schedule must be finite"),
+        (lambda: S.sigma_grid([2.0, -1.0]), "schedule must be > 0"),
+        (lambda: S.sigma_grid([200.0, 1.0, 0.0], sigma_min=0.01, sigma_max=80.0), "schedule span"),
+        (lambda: S.sigma_grid([2.0, 1.0, 0.0], 5), "num_steps"),
+        (lambda: S.sigma_grid([2.0, 1.0, 0.0], rho=7.0), "options"),
+        (lambda: S.sigma_grid("karras", 10, foo=1), "foo"),
+        (lambda: S.sigma_grid("karras", 10, rho=-1.0), "rho"),
+        (lambda: S.sigma_grid("logsnr", 0), "num_steps"),
+        (lambda: S.sigma_grid("ays", 10, model="sd3"), "model"),
+        (lambda: S.sigma_grid("gits", 6, dataset="imagenet"), "dataset"),
+        (lambda: S.sigma_grid("time_uniform", 5, sigma_to_t=lambda s: s), "together"),
+        (lambda: S.sigma_grid("vp", 5, sigma_min=0.01), "together"),
+    ],
+)
+def test_bad_schedule_requests_name_the_parameter(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()

@@ -1,0 +1,625 @@
+"""Every solver once, as a plan: per model call, the new state is a linear combination of stored
+states X and denoiser outputs D, with coefficients computed from the sigma grid once.
+
+The state lives in EDM space (sigma(t) = t, s(t) = 1), where the probability-flow ODE is
+dx/dsigma = (x - D(x; sigma)) / sigma. A solver is one pure function from a grid to a
+`SolverPlan`; `samplers.execute_plan` (and the diffusers scheduler, one `step` per model call)
+executes plans, so no update rule exists twice. Each update is written once below as a scalar
+formula (Algorithm 1's `euler_step` / `heun_step`, the Adams-Bashforth sum over `ode_slope`,
+DPM-Solver++'s and UniPC's exponential-integrator updates); its coefficients are read off that
+formula with unit inputs (`linear_coefficients`), in float64, at set-up.
+
+Solvers (`SOLVERS`): euler, heun (Karras et al. 2022, Algorithms 1 and 2, alpha-generalized),
+ipndm / ipndm_v (Zhang & Chen 2023; Zhou et al. 2024), dpmpp_2m / dpmpp_3m (Lu et al. 2022,
+DPM-Solver++), unipc (Zhao et al. 2023, bh2) and deis (Zhang & Chen 2023, tAB). Churn applies to
+euler and heun; the analytical first step (`afs`, Dockhorn et al. 2022 / Zhou et al. 2024: D = 0,
+the data mean, at sigma_max instead of a model call) to every one-call-per-step solver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .schedules import EDM_RHO, TimeMap, check_sigmas, sigma_grid, vp_time_maps
+
+MAX_GAMMA = math.sqrt(2.0) - 1.0
+LOWER_ORDER_FINAL_BELOW = 15
+"""DPM-Solver++ / UniPC lower the order of the last steps on grids of fewer steps than this
+(DPM-Solver++, Lu et al. 2022: it stabilizes sampling with < 15 steps, especially <= 10)."""
+
+
+# --- step rules (Algorithm 1) -----------------------------------------------------------------
+
+
+def ode_slope(x: Any, denoised: Any, sigma: Any) -> Any:
+    """dx/dsigma of the probability-flow ODE with sigma(t) = t, s(t) = 1: (x - D(x; sigma)) / sigma."""
+    return (x - denoised) / sigma
+
+
+def euler_step(x: Any, slope: Any, sigma: Any, sigma_next: Any) -> Any:
+    """One Euler step: x + (sigma_next - sigma) slope. Also used in t for the general ODE."""
+    return x + (sigma_next - sigma) * slope
+
+
+def heun_step(x: Any, slope: Any, slope_next: Any, sigma: Any, sigma_next: Any, alpha: float = 1.0) -> Any:
+    """The generalized second-order step: x + h ((1 - 1/(2 alpha)) slope + 1/(2 alpha) slope_next),
+    h = sigma_next - sigma, with slope_next evaluated at sigma + alpha h; alpha = 1 is Heun's
+    trapezoidal rule x + h (slope + slope_next) / 2."""
+    weight = 1.0 / (2.0 * alpha)
+    return x + (sigma_next - sigma) * ((1.0 - weight) * slope + weight * slope_next)
+
+
+# --- churn (Algorithm 2) ------------------------------------------------------------------------
+
+
+def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
+    """Raise a ValueError naming the parameter for churn settings outside their range."""
+    if not (math.isfinite(s_churn) and s_churn >= 0):
+        raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn!r}")
+    if not s_tmin >= 0:
+        raise ValueError(f"s_tmin must be >= 0, got {s_tmin!r}")
+    if not s_tmax >= s_tmin:
+        raise ValueError(f"s_tmax must be >= s_tmin={s_tmin!r}, got {s_tmax!r}")
+    if not (math.isfinite(s_noise) and s_noise > 0):
+        raise ValueError(f"s_noise must be a finite number > 0, got {s_noise!r}")
+
+
+def churn_gammas(
+    sigmas: Sequence[float] | torch.Tensor, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf
+) -> list[float]:
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0, for the
+    N = len(sigmas) - 1 steps. Known before sampling starts."""
+    levels = [float(s) for s in sigmas[:-1]]
+    gamma = min(s_churn / len(levels), MAX_GAMMA) if levels else 0.0
+    return [gamma if s_tmin <= s <= s_tmax else 0.0 for s in levels]
+
+
+def sigma_hats(sigmas: Sequence[float] | torch.Tensor, gammas: Sequence[float], sigma_max: float = math.inf) -> list[float]:
+    """sigma_hat_i = sigma_i (1 + gamma_i), the raised noise level the model is evaluated at,
+    capped at the model's sigma_max (it cannot be evaluated above it) but never below sigma_i."""
+    return [max(min(float(s) * (1.0 + g), sigma_max), float(s)) for s, g in zip(sigmas[:-1], gammas)]
+
+
+def churn_noise_std(sigma: float, sigma_hat: float, s_noise: float = 1.0) -> float:
+    """The std of the noise that lifts x from sigma to sigma_hat: sqrt(sigma_hat^2 - sigma^2) S_noise."""
+    return math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * s_noise
+
+
+def initial_noise_std(sigma_0: float, sigma_hat_0: float, s_noise: float = 1.0) -> float:
+    """The std of x_hat_0 when x_0 = sigma_0 z is churned to sigma_hat_0:
+    sqrt(sigma_0^2 + (sigma_hat_0^2 - sigma_0^2) S_noise^2). Starting from z times this is
+    Algorithm 2's first step exactly in distribution, with one noise draw."""
+    return math.sqrt(sigma_0**2 + churn_noise_std(sigma_0, sigma_hat_0, s_noise) ** 2)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Combination:
+    """new = sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j] + noise_std eps, eps ~ N(0, I)."""
+
+    states: tuple[float, ...]
+    denoised: tuple[float, ...] = ()
+    noise_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One entry per model call (or per skipped call): evaluate D(X[-1]; sigma) and append it to D
+    (sigma None: no call, append a zero D estimate: the analytical first step), then append each
+    update's result to X in order (a later update sees the earlier one as X[-1])."""
+
+    sigma: float | None  # where the model is called (sigma_hat under churn)
+    level: float  # the grid level this call belongs to (before churn)
+    index: int  # the grid step i
+    updates: tuple[Combination, ...]
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """A solver on one grid. X[0] = init_std * latents; the sample is the last X.
+
+    `sigma_hats[i]` is where grid step i starts (sigma_hat_i under churn, else sigma_i); `nfe`
+    counts the steps that call the model; `state_history` / `denoised_history` are the deepest
+    look-back into X / D of any update, so an executor keeps only that window."""
+
+    solver: str
+    sigmas: tuple[float, ...]
+    init_std: float
+    steps: tuple[Step, ...]
+    sigma_hats: tuple[float, ...]
+    nfe: int = field(init=False)
+    state_history: int = field(init=False)
+    denoised_history: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        updates = [u for step in self.steps for u in step.updates]
+        object.__setattr__(self, "nfe", sum(step.sigma is not None for step in self.steps))
+        object.__setattr__(self, "state_history", max([1] + [len(u.states) for u in updates]))
+        object.__setattr__(self, "denoised_history", max([1] + [len(u.denoised) for u in updates]))
+
+
+def linear_coefficients(fn: Callable[..., float], num_inputs: int) -> tuple[float, ...]:
+    """Coefficients of a linear map of `num_inputs` scalars, read off unit inputs."""
+    return tuple(float(fn(*[1.0 if j == k else 0.0 for j in range(num_inputs)])) for k in range(num_inputs))
+
+
+def _combination(fn: Callable[..., float], num_states: int, num_denoised: int, noise_std: float = 0.0) -> Combination:
+    """The Combination of fn(X[-1], ..., X[-num_states], D[-1], ..., D[-num_denoised]), a linear
+    formula; trailing zero coefficients are dropped so the look-back stays minimal."""
+    coefficients = linear_coefficients(fn, num_states + num_denoised)
+
+    def trimmed(values: tuple[float, ...]) -> tuple[float, ...]:
+        end = len(values)
+        while end > 0 and values[end - 1] == 0.0:
+            end -= 1
+        return values[:end]
+
+    return Combination(trimmed(coefficients[:num_states]), trimmed(coefficients[num_states:]), noise_std)
+
+
+def _levels(sigmas: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+    check_sigmas(grid)
+    return tuple(grid.tolist())
+
+
+def _check_afs(afs: bool, levels: tuple[float, ...]) -> None:
+    if not isinstance(afs, bool):
+        raise ValueError(f"afs must be True or False, got {afs!r}")
+    if afs and len(levels) < 3:
+        raise ValueError("afs=True needs a grid of at least 2 steps: its first step makes no model call")
+
+
+def _check_order(order: int, highest: int, solver: str) -> None:
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= highest:
+        raise ValueError(f"order must be an integer in [1, {highest}] for solver {solver!r}, got {order!r}")
+
+
+def _check_lower_order_final(lower_order_final: bool) -> None:
+    if not isinstance(lower_order_final, bool):
+        raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
+
+
+def _step_orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """Order of each multistep step: warm start min(order, i + 1); with lower_order_final on grids
+    of fewer than LOWER_ORDER_FINAL_BELOW steps also at most N - i (the last step first order)."""
+    orders = [min(order, i + 1) for i in range(num_steps)]
+    if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
+        orders = [min(o, num_steps - i) for i, o in enumerate(orders)]
+    return orders
+
+
+def _multistep_plan(
+    solver: str, levels: tuple[float, ...], afs: bool, update: Callable[[int], tuple[Combination, ...]]
+) -> SolverPlan:
+    """One Step per grid step i, at sigma_i (None for step 0 under afs), with update(i)'s results."""
+    steps = tuple(
+        Step(None if afs and i == 0 else levels[i], levels[i], i, update(i)) for i in range(len(levels) - 1)
+    )
+    return SolverPlan(solver, levels, levels[0], steps, levels[:-1])
+
+
+# --- Euler and Heun (Algorithms 1 and 2) -----------------------------------------------------------
+
+
+def _churned(levels: tuple[float, ...], hats: Sequence[float] | None, s_noise: float) -> tuple[tuple[float, ...], list[float]]:
+    """sigma_hat_i (levels[:-1] without churn) and the churn noise std added at the end of step
+    i, lifting sigma_{i+1} to sigma_hat_{i+1} (0 after the last step)."""
+    hats = tuple(float(h) for h in hats) if hats is not None else levels[:-1]
+    if len(hats) != len(levels) - 1 or any(not (h >= s) for h, s in zip(hats, levels)):
+        raise ValueError("sigma_hats must hold one level per step, each >= its grid level")
+    if not (math.isfinite(s_noise) and s_noise > 0):
+        raise ValueError(f"s_noise must be a finite number > 0, got {s_noise!r}")
+    after = [churn_noise_std(levels[i + 1], hats[i + 1], s_noise) for i in range(len(hats) - 1)] + [0.0]
+    return hats, after
+
+
+def _euler_update(sigma: float, sigma_next: float, noise_std: float = 0.0) -> Combination:
+    """x_next = euler_step(x, ode_slope(x, D, sigma), sigma, sigma_next)."""
+    return _combination(lambda x, d: euler_step(x, ode_slope(x, d, sigma), sigma, sigma_next), 1, 1, noise_std)
+
+
+def euler_plan(
+    sigmas: Sequence[float] | torch.Tensor,
+    *,
+    sigma_hats: Sequence[float] | None = None,
+    s_noise: float = 1.0,
+    afs: bool = False,
+) -> SolverPlan:
+    """Euler (DDIM in EDM space; N calls for N steps), with churn when `sigma_hats` raise the
+    levels (Algorithm 2's noise, Euler steps from (x_hat_i, sigma_hat_i))."""
+    levels = _levels(sigmas)
+    _check_afs(afs, levels)
+    hats, after = _churned(levels, sigma_hats, s_noise)
+    steps = tuple(
+        Step(None if afs and i == 0 else hats[i], levels[i], i, (_euler_update(hats[i], levels[i + 1], after[i]),))
+        for i in range(len(hats))
+    )
+    return SolverPlan("euler", levels, initial_noise_std(levels[0], hats[0], s_noise), steps, hats)
+
+
+def heun_plan(
+    sigmas: Sequence[float] | torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    sigma_hats: Sequence[float] | None = None,
+    s_noise: float = 1.0,
+) -> SolverPlan:
+    """Algorithm 1 (and 2 with `sigma_hats`): per step an Euler predictor to sigma_hat + alpha h
+    and the generalized second-order corrector back from x_hat (two Steps, the second reaching X[-2]);
+    a step to sigma = 0 is a plain Euler step. 2N - 1 calls for N steps ending at 0."""
+    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+    levels = _levels(sigmas)
+    hats, after = _churned(levels, sigma_hats, s_noise)
+    steps: list[Step] = []
+    for i, (sigma, sigma_next) in enumerate(zip(hats, levels[1:])):
+        if sigma_next == 0:
+            steps.append(Step(sigma, levels[i], i, (_euler_update(sigma, sigma_next, after[i]),)))
+            continue
+        sigma_mid = sigma + alpha * (sigma_next - sigma)
+
+        def corrector(x_mid: float, x: float, d_mid: float, d: float, sigma=sigma, sigma_next=sigma_next, sigma_mid=sigma_mid) -> float:
+            return heun_step(x, ode_slope(x, d, sigma), ode_slope(x_mid, d_mid, sigma_mid), sigma, sigma_next, alpha)
+
+        steps.append(Step(sigma, levels[i], i, (_euler_update(sigma, sigma_mid),)))
+        steps.append(Step(sigma_mid, sigma_next, i, (_combination(corrector, 2, 2, after[i]),)))
+    return SolverPlan("heun", levels, initial_noise_std(levels[0], hats[0], s_noise), tuple(steps), hats)
+
+
+# --- Adams-Bashforth on the slope d = (x - D) / sigma: iPNDM, iPNDM_v, DEIS ------------------------
+
+IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+"""The fixed Adams-Bashforth weights of orders 1..4 (equal steps), newest slope first."""
+
+
+def _slope_update(weights: Sequence[float], sigmas: Sequence[float]) -> Combination:
+    """x_{i+1} = x_i + sum_k weights[k] d_{i-k}, d_j = ode_slope(x_j, D_j, sigma_j), where
+    sigmas[k] = sigma_{i-k} and X[-1-k] = x_{i-k}."""
+    n = len(weights)
+
+    def update(*values: float) -> float:
+        xs, ds = values[:n], values[n:]
+        return xs[0] + sum(w * ode_slope(x, d, s) for w, x, d, s in zip(weights, xs, ds, sigmas))
+
+    return _combination(update, n, n)
+
+
+def _lagrange_integrals(nodes: Sequence[float], a: float, b: float, tau: Callable[[np.ndarray], np.ndarray]) -> list[float]:
+    """c_k = integral over sigma from a to b of L_k(tau(sigma)), L_k the Lagrange basis polynomial
+    on the points tau(nodes[k]): the weights of a variable-step Adams-Bashforth rule that
+    interpolates the slope as a polynomial in tau. 32-point Gauss-Legendre in sigma (exact for
+    tau = sigma, orders <= 4; near machine precision for a smooth tau)."""
+    points, weights = np.polynomial.legendre.leggauss(32)
+    sigma = 0.5 * (b - a) * points + 0.5 * (b + a)
+    t, t_nodes = tau(sigma), tau(np.asarray(nodes, dtype=np.float64))
+    integrals = []
+    for k in range(len(nodes)):
+        basis = np.ones_like(t)
+        for j in range(len(nodes)):
+            if j != k:
+                basis *= (t - t_nodes[j]) / (t_nodes[k] - t_nodes[j])
+        integrals.append(float(0.5 * (b - a) * np.dot(weights, basis)))
+    return integrals
+
+
+def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False) -> SolverPlan:
+    """iPNDM: x_{i+1} = x_i + h_i sum_k w_k d_{i-k} with the fixed AB weights of order
+    min(order, i + 1) (warm start, no order drop at the end); h_i = sigma_{i+1} - sigma_i.
+    Exact AB only on equal steps, so formally first order on other grids."""
+    levels = _levels(sigmas)
+    _check_order(order, 4, "ipndm")
+    _check_afs(afs, levels)
+
+    def update(i: int) -> tuple[Combination, ...]:
+        h = levels[i + 1] - levels[i]
+        weights = IPNDM_WEIGHTS[min(order, i + 1)]
+        return (_slope_update([h * w for w in weights], levels[i::-1][: len(weights)]),)
+
+    return _multistep_plan("ipndm", levels, afs, update)
+
+
+def _variable_ab_plan(solver: str, levels: tuple[float, ...], order: int, afs: bool, tau: Callable) -> SolverPlan:
+    def update(i: int) -> tuple[Combination, ...]:
+        nodes = levels[i::-1][: min(order, i + 1)]
+        return (_slope_update(_lagrange_integrals(nodes, levels[i], levels[i + 1], tau), nodes),)
+
+    return _multistep_plan(solver, levels, afs, update)
+
+
+def ipndm_v_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 4, afs: bool = False) -> SolverPlan:
+    """iPNDM with variable-step AB coefficients: the slope interpolated as a polynomial in sigma
+    through the last min(order, i + 1) points and integrated exactly over [sigma_i, sigma_{i+1}]
+    (DEIS's rhoAB); order `order` on any grid."""
+    levels = _levels(sigmas)
+    _check_order(order, 4, "ipndm_v")
+    _check_afs(afs, levels)
+    return _variable_ab_plan("ipndm_v", levels, order, afs, lambda sigma: sigma)
+
+
+def deis_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False, sigma_to_t: TimeMap | None = None
+) -> SolverPlan:
+    """tAB-DEIS: in EDM space the exponential integrator of the eps-parameterized ODE is
+    x_{i+1} = x_i + integral of d over sigma, with d interpolated as a polynomial in the model's
+    time t(sigma) (default: the continuous VP t) through the last min(order, i + 1) points; the
+    weights come from quadrature at set-up."""
+    levels = _levels(sigmas)
+    _check_order(order, 4, "deis")
+    _check_afs(afs, levels)
+    to_t = sigma_to_t or vp_time_maps()[0]
+
+    def tau(sigma: np.ndarray) -> np.ndarray:
+        return np.asarray(to_t(torch.as_tensor(sigma, dtype=torch.float64)), dtype=np.float64)
+
+    return _variable_ab_plan("deis", levels, order, afs, tau)
+
+
+# --- DPM-Solver++ multistep (data prediction, lambda = -log sigma) ----------------------------------
+
+
+def dpmpp_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], sigma_next: float) -> float:
+    """DPM-Solver++ multistep of order len(denoised) (1..3) from x at sigmas[0] to sigma_next, with
+    D at sigmas[k] = sigma_{i-k}. In EDM space (alpha = 1, lambda = -log sigma) the exact solution
+    is x_next = r x + sigma_next * integral of e^lambda D(lambda), r = sigma_next / sigma_i; with
+    D Taylor-expanded in lambda around lambda_i (Lu et al. 2022, DPM-Solver++ eq. 9 / appendix),
+    h = log(sigma_i / sigma_next), phi_1 = e^-h - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2:
+
+        x_next = r x - phi_1 D_i + phi_2 (h D') - phi_3 (h^2 D'')
+
+    order 1 (DDIM) keeps the first two terms. 2M is the paper's Algorithm 2: h D' estimated by
+    (D_i - D_{i-1}) / r_0 and phi_2 replaced by -phi_1 / 2 (equal to O(h^2): second order, exact
+    for constant D), r_k = (lambda_{i-k} - lambda_{i-k-1}) / h. 3M estimates h D' and h^2 D'' by
+    divided differences over three points and is exact for D quadratic in lambda. Note: diffusers'
+    and k-diffusion's 3M use half this h^2 D'' estimate, which leaves their update exact for
+    linear D only, i.e. second order (measured in tests/test_solvers.py)."""
+    if sigma_next == 0:
+        return denoised[0]  # h = inf: every order reduces to x = D_i
+    h = math.log(sigmas[0] / sigma_next)
+    phi_1 = math.expm1(-h)
+    result = (sigma_next / sigmas[0]) * x - phi_1 * denoised[0]
+    if len(denoised) == 1:
+        return result
+    r0 = math.log(sigmas[1] / sigmas[0]) / h
+    d1_0 = (denoised[0] - denoised[1]) / r0
+    if len(denoised) == 2:
+        return result - 0.5 * phi_1 * d1_0
+    r1 = math.log(sigmas[2] / sigmas[1]) / h
+    d1_1 = (denoised[1] - denoised[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # h D' + O(h^3)
+    d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # h^2 D'' + O(h^3)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    return result + phi_2 * d1 - phi_3 * d2
+
+
+def _dpmpp_plan(solver: str, sigmas: Sequence[float] | torch.Tensor, order: int, afs: bool, lower_order_final: bool) -> SolverPlan:
+    levels = _levels(sigmas)
+    _check_afs(afs, levels)
+    _check_lower_order_final(lower_order_final)
+    orders = _step_orders(len(levels) - 1, order, lower_order_final)
+
+    def update(i: int) -> tuple[Combination, ...]:
+        n = 1 if levels[i + 1] == 0 else orders[i]
+        history = levels[i::-1][:n]
+        return (_combination(lambda x, *d: dpmpp_update(x, d, history, levels[i + 1]), 1, n),)
+
+    return _multistep_plan(solver, levels, afs, update)
+
+
+def dpmpp_2m_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True
+) -> SolverPlan:
+    """DPM-Solver++(2M): second order, first order on the first step, on a step to sigma = 0 and
+    (lower_order_final, fewer than 15 steps) on the last step."""
+    return _dpmpp_plan("dpmpp_2m", sigmas, 2, afs, lower_order_final)
+
+
+def dpmpp_3m_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True
+) -> SolverPlan:
+    """DPM-Solver++(3M): third order after a two-step warm start; lower_order_final on fewer than
+    15 steps makes the last two steps orders 2 and 1; a step to sigma = 0 is first order."""
+    return _dpmpp_plan("dpmpp_3m", sigmas, 3, afs, lower_order_final)
+
+
+# --- UniPC (bh2 / bh1), data prediction ------------------------------------------------------------
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc_terms(h: float, rks: Sequence[float], variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """phi_1 = e^-h - 1, B(h) (bh1: -h, bh2: e^-h - 1), and the order conditions R rho = b of UniPC
+    (Zhao et al. 2023, eq. 8 / Algorithm): R[j][k] = r_k^j, b_j = j! phi_{j+1}(-h) / B(h), where
+    phi_{j+1} follows phi_{k+1} = phi_k / hh - 1/k!, hh = -h."""
+    hh = -h
+    phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else phi_1
+    phi_k, factorial = phi_1 / hh - 1.0, 1.0
+    rows, b = [], []
+    for j in range(1, len(rks) + 1):
+        rows.append([rk ** (j - 1) for rk in rks])
+        b.append(phi_k * factorial / b_h)
+        factorial *= j + 1
+        phi_k = phi_k / hh - 1.0 / factorial
+    return phi_1, b_h, np.array(rows), np.array(b)
+
+
+def unipc_update(
+    x: float, denoised: Sequence[float], sigmas: Sequence[float], sigma_next: float, variant: str = "bh2", denoised_next: float | None = None
+) -> float:
+    """UniP (predictor, `denoised_next` None) or UniC (corrector, given D at the predicted
+    x_next) of order p = len(denoised) from x at sigmas[0] to sigma_next, D at sigmas[k] =
+    sigma_{i-k}, in EDM space:
+    x_next = r x - phi_1 D_i - B(h) sum_k rho_k (D_{i-k} - D_i) / r_k,
+    r_k = (lambda_{i-k} - lambda_i) / h, with rho solving the first p - 1 order conditions for
+    UniP (rho = 1/2 at p = 2) and all p, with r = 1 for D_next, for UniC (rho = 1/2 at p = 1)."""
+    if sigma_next == 0:
+        return denoised[0]  # h = inf: first order, x = D_i
+    p = len(denoised)
+    h = math.log(sigmas[0] / sigma_next)
+    rks = [math.log(sigmas[0] / sigmas[k]) / h for k in range(1, p)] + [1.0]
+    differences = [(denoised[k] - denoised[0]) / rks[k - 1] for k in range(1, p)]
+    phi_1, b_h, rows, b = _unipc_terms(h, rks, variant)
+    result = (sigma_next / sigmas[0]) * x - phi_1 * denoised[0]
+    if denoised_next is None:
+        if p == 1:
+            return result
+        rhos = [0.5] if p == 2 else np.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
+        return result - b_h * sum(rho * dk for rho, dk in zip(rhos, differences))
+    rhos = [0.5] if p == 1 else np.linalg.solve(rows, b).tolist()
+    correction = sum(rho * dk for rho, dk in zip(rhos[:-1], differences)) + rhos[-1] * (denoised_next - denoised[0])
+    return result - b_h * correction
+
+
+def unipc_plan(
+    sigmas: Sequence[float] | torch.Tensor,
+    *,
+    order: int = 2,
+    afs: bool = False,
+    corrector: bool = True,
+    variant: str = "bh2",
+    lower_order_final: bool = True,
+) -> SolverPlan:
+    """UniPC: the UniP predictor of order min(order, i + 1) (lowered on the last steps like
+    DPM-Solver++), and the UniC corrector of the same order applied to x_i at the call at
+    sigma_i, reusing that call's D (no extra NFE): Step i first corrects x_i from X[-2] (x_{i-1})
+    and the D history including the new D_i, then predicts x_{i+1}. No corrector after the last
+    call. Order p + 1 with the corrector."""
+    levels = _levels(sigmas)
+    _check_order(order, 3, "unipc")
+    _check_afs(afs, levels)
+    _check_lower_order_final(lower_order_final)
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
+    if not isinstance(corrector, bool):
+        raise ValueError(f"corrector must be True or False, got {corrector!r}")
+    orders = _step_orders(len(levels) - 1, order, lower_order_final)
+
+    def predictor(i: int) -> Combination:
+        n = 1 if levels[i + 1] == 0 else orders[i]
+        history = levels[i::-1][:n]
+        return _combination(lambda x, *d: unipc_update(x, d, history, levels[i + 1], variant), 1, n)
+
+    def corrected(i: int) -> Combination:
+        """x_i from x_{i-1} (X[-2]; X[-1] is the predicted x_i) and D_i (D[-1]), D_{i-1}, ..."""
+        n = orders[i - 1]
+        history = levels[i - 1 :: -1][:n]
+
+        def update(x_predicted: float, x: float, d_next: float, *d: float) -> float:
+            return unipc_update(x, d, history, levels[i], variant, denoised_next=d_next)
+
+        return _combination(update, 2, n + 1)
+
+    def update(i: int) -> tuple[Combination, ...]:
+        if corrector and i > 0:
+            return corrected(i), predictor(i)
+        return (predictor(i),)
+
+    return _multistep_plan("unipc", levels, afs, update)
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """A registered solver: its plan function and what a caller needs to drive it.
+
+    calls_per_step: 2 for Heun (N steps cost 2N - 1 calls on a grid ending at 0), else 1.
+    schedule / schedule_options: its default grid (`schedules.sigma_grid`).
+    churn: Algorithm 2's churn applies. afs: the analytical first step applies.
+    orders: the allowed `order` range, None when the solver has no order option.
+    """
+
+    plan: Callable[..., SolverPlan]
+    description: str
+    schedule: str
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    calls_per_step: int = 1
+    churn: bool = False
+    afs: bool = True
+    orders: tuple[int, int] | None = None
+
+    def steps_for_nfe(self, nfe: int, afs: bool = False) -> int:
+        """The grid step count (grid ending at 0) whose model calls are the most not above `nfe`."""
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+        if self.calls_per_step == 2:
+            return (nfe + 1) // 2
+        return nfe + 1 if afs else nfe
+
+
+SOLVERS: dict[str, SolverInfo] = {
+    # Default grids, one rule per family (benchmarks/low_nfe_core.py: geometric mean of the error
+    # ratio to the best configuration over a Gaussian and two Gaussian mixtures at NFE 5..63):
+    # - heun keeps the paper's rho = 7 grid (EDM's sampler as published; time_quadratic measured better);
+    # - the data-prediction exponential integrators (dpmpp_*, unipc) step in lambda = -log sigma:
+    #   equal steps in lambda (logsnr) measured best for each, on every oracle;
+    # - fixed-weight iPNDM assumes equal steps: logsnr (best with afs, and in the issue's study);
+    # - the variable-step AB solvers (ipndm_v, deis) and Euler: time_quadratic (DEIS's and DDIM's
+    #   quadratic-in-t grid), best for each on average.
+    "heun": SolverInfo(heun_plan, "EDM Heun (Algorithm 1, alpha-generalized; Algorithm 2 with churn)",
+                       "karras", {"rho": EDM_RHO}, calls_per_step=2, churn=True, afs=False),
+    "euler": SolverInfo(euler_plan, "Euler = DDIM = DPM-Solver-1 in EDM space; churn allowed",
+                        "time_quadratic", churn=True),
+    "ipndm": SolverInfo(ipndm_plan, "iPNDM: fixed-weight Adams-Bashforth on d = (x - D)/sigma, orders 1..4 (default 3)",
+                        "logsnr", orders=(1, 4)),
+    "ipndm_v": SolverInfo(ipndm_v_plan, "iPNDM with variable-step Adams-Bashforth weights, orders 1..4 (default 4)",
+                          "time_quadratic", orders=(1, 4)),
+    "dpmpp_2m": SolverInfo(dpmpp_2m_plan, "DPM-Solver++(2M), data prediction", "logsnr"),
+    "dpmpp_3m": SolverInfo(dpmpp_3m_plan, "DPM-Solver++(3M), data prediction, third order", "logsnr"),
+    "unipc": SolverInfo(unipc_plan, "UniPC bh2: UniP of order 1..3 (default 2) + UniC reusing the next call",
+                        "logsnr", orders=(1, 3)),
+    "deis": SolverInfo(deis_plan, "tAB-DEIS: Adams-Bashforth in the VP time t, orders 1..4 (default 3)",
+                       "time_quadratic", orders=(1, 4)),
+}
+
+
+def solver_info(solver: str) -> SolverInfo:
+    """The registry entry of `solver`, with a ValueError listing the names for an unknown one."""
+    if not (isinstance(solver, str) and solver in SOLVERS):
+        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
+    return SOLVERS[solver]
+
+
+def make_plan(solver: str, sigmas: Sequence[float] | torch.Tensor, **options: Any) -> SolverPlan:
+    """The plan of registered `solver` on `sigmas` with the solver's own `options` (order, afs,
+    alpha, sigma_hats, ...); an option the solver does not take is a ValueError naming it."""
+    info = solver_info(solver)
+    accepted = info.plan.__kwdefaults__ or {}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"solver {solver!r} takes the options {sorted(accepted)}, got {unknown}")
+    return info.plan(sigmas, **options)
+
+
+def solver_sigmas(
+    solver: str,
+    nfe: int,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    afs: bool = False,
+    schedule: str | None = None,
+    **schedule_options: Any,
+) -> torch.Tensor:
+    """The grid on which `solver` makes at most `nfe` model calls (exactly `nfe` except Heun at
+    even nfe): its default schedule (or `schedule` with `schedule_options`) over
+    [sigma_min, sigma_max], one step more under afs."""
+    info = solver_info(solver)
+    if schedule is None:
+        schedule, schedule_options = info.schedule, {**info.schedule_options, **schedule_options}
+    return sigma_grid(schedule, info.steps_for_nfe(nfe, afs), sigma_min, sigma_max, **schedule_options)

@@ -68,7 +68,7 @@ def test_report_explains_missing_values_and_gives_the_fd_of_true_data_with_its_n
 
 
 def test_every_sampler_gets_its_own_colour_and_marker():
-    names = list(SAMPLERS) + [f"extra-{i}" for i in range(6)]  # 20 samplers
+    names = list(SAMPLERS) + [f"extra-{i}" for i in range(30 - len(SAMPLERS))]  # 30 samplers
     styles = sampler_styles(names, {n: s.family for n, s in SAMPLERS.items()})
     assert len({s["color"] for s in styles.values()}) == len(names)
     assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names)

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
     bench.add_argument("--reference-steps", type=int, default=256,
                        help="Heun steps of the reference ODE solution of a --model folder (the built-in models have an "
                             "exact one); 0: skip the ODE error (default 256)")
-    _add_model_arguments(bench, num_samples=256, batch_size=128)
+    _add_model_arguments(bench, num_samples=256, batch_size=256)
     bench.set_defaults(func=bench_main)
 
     tune = subparsers.add_parser("tune", help="grid search of S_churn, S_tmin, S_tmax, S_noise at one NFE",

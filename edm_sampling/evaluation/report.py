@@ -242,13 +242,14 @@ def write_json(payload: dict, path: str | Path) -> None:
 
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p", "d", "8")
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-           "#000000", "#8db600", "#882d17", "#f3c300", "#604e97", "#00a86b", "#ff1493", "#654522", "#a1caf1", "#f99379")
-"""tab10, then ten more of high mutual contrast (from Kelly's list): 20 distinct colours."""
+           "#000000", "#8db600", "#882d17", "#f3c300", "#604e97", "#00a86b", "#ff1493", "#654522", "#a1caf1", "#f99379",
+           "#000080", "#808000", "#00ced1", "#b03060", "#ff8c00", "#2f4f4f", "#7cfc00", "#da70d6", "#4682b4", "#a0522d")
+"""tab10, then twenty more of high mutual contrast (Kelly's list and named web colours): 30."""
 
 
 def sampler_styles(names: Sequence[str], families: dict[str, str]) -> dict[str, dict]:
-    """A distinct colour and marker per sampler (unique pairs for up to 20 samplers; the colour
-    repeats after 20 with another marker), a solid line for ours and a dashed one for diffusers'."""
+    """A distinct colour and marker per sampler (distinct colours for up to 30 samplers, distinct
+    pairs for up to 210), a solid line for ours and a dashed one for diffusers'."""
     return {
         name: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
                "linestyle": "--" if families.get(name) == DIFFUSERS else "-"}

@@ -2,10 +2,12 @@
 
 Every sampler is one `SamplerSpec` entry of `SAMPLERS`; adding "our solver X on grid G" (with
 options such as an analytical first step) is one entry: `SamplerSpec("name", OURS, "...",
-solver="X", discretization="G", solver_options={...})`. Two runners execute the entries:
+solver="X", discretization="G", solver_options={"afs": True}, saved_calls=1)`. Two runners
+execute the entries:
 
 - "core": `edm_sampling.samplers.sample(denoiser, latents, sigmas, solver=..., **options)` over
-  the model's D(x; sigma) on the named grid of the model's sampling range (EDM's 0.002..80
+  the model's D(x; sigma), on the named grid (`schedules.sigma_grid`; None: the solver's own
+  default, `solvers.SOLVERS[solver].schedule`) of the model's sampling range (EDM's 0.002..80
   clamped to the model's support).
 - "scheduler": a plain diffusers denoising loop (`scale_model_input`, the model's epsilon
   network, `step`) over a scheduler built with `from_config` from the model's own scheduler
@@ -13,8 +15,10 @@ solver="X", discretization="G", solver_options={...})`. Two runners execute the 
   through the interface a pipeline uses, on the same discrete-time VP network.
 
 Ours: Heun and Euler on the EDM (Karras, rho = 7) grid, Heun with churn (Algorithm 2), Heun on
-the paper's VP, VE and iDDPM discretizations (the Figure 2 ablation), and Heun through
-`EDMScheduler` in the scheduler loop.
+the paper's VP, VE and iDDPM discretizations (the Figure 2 ablation), Heun through
+`EDMScheduler` in the scheduler loop, and every multistep solver of `solvers.SOLVERS` (iPNDM,
+variable-step iPNDM, DPM-Solver++ 2M / 3M, UniPC, DEIS) on its default grid, each also with
+the analytical first step (AFS: the first model call replaced by the data-mean estimate).
 
 diffusers' anchors, each configured the way that gives it its full range and its documented
 best low-step behaviour (read from the diffusers 0.42 sources):
@@ -81,7 +85,7 @@ class SamplerSpec:
     saved_calls: int = 0
     stochastic: bool = False
     solver: str = "heun"
-    discretization: str = "karras"
+    discretization: str | None = "karras"
     solver_options: dict = field(default_factory=dict)
     churn: dict = field(default_factory=dict)
     scheduler_class: str = ""
@@ -101,6 +105,21 @@ PAPER_CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003
 """The paper's Table 5 setting for an EDM-trained ImageNet-64 model, our default churn row."""
 
 _HEUN = {"calls_per_step": 2, "saved_calls": 1}
+MULTISTEP_SOLVERS = ("ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")
+
+
+def _multistep_rows() -> list[SamplerSpec]:
+    """Each multistep solver on its default grid, then with the analytical first step (one call
+    saved: N steps cost N - 1 calls). The solver's own description and grid name are added to
+    the results' metadata when it runs (`describe`), so that listing the names needs no torch."""
+    rows = []
+    for solver in MULTISTEP_SOLVERS:
+        name = "edm-" + solver.replace("_", "-")
+        rows.append(SamplerSpec(name, OURS, f"solver {solver!r} on its default grid", solver=solver, discretization=None))
+        rows.append(SamplerSpec(name + "-afs", OURS, f"solver {solver!r} on its default grid, analytical first step",
+                                solver=solver, discretization=None, solver_options={"afs": True}, saved_calls=1))
+    return rows
+
 _KARRAS_ZERO = {"use_karras_sigmas": True, "final_sigmas_type": "zero", "lower_order_final": True}
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -113,6 +132,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("edm-heun-vp", OURS, "Heun on the original VP discretization (ablation)", discretization="vp", **_HEUN),
         SamplerSpec("edm-heun-ve", OURS, "Heun on the original VE discretization (ablation)", discretization="ve", **_HEUN),
         SamplerSpec("edm-heun-iddpm", OURS, "Heun on the iDDPM discretization (ablation)", discretization="iddpm", **_HEUN),
+        *_multistep_rows(),
         SamplerSpec("edm-heun-scheduler", OURS, "EDMScheduler (Heun, rho=7) in the plain diffusers loop on the epsilon network",
                     runner="scheduler", scheduler_class="EDMScheduler", scheduler_kwargs={"solver": "heun"}, **_HEUN),
         SamplerSpec("ddim", DIFFUSERS, "DDIMScheduler (eta=0, trailing timesteps)", runner="scheduler",
@@ -210,9 +230,8 @@ def _run_core(spec, model, latents, steps, generators, model_kwargs) -> RunOutpu
     import torch
 
     from ..samplers import initial_noise_std, sample
-    from ..schedules import discretization
 
-    sigmas = discretization(spec.discretization, steps, model.sigma_min, model.sigma_max)
+    sigmas = core_sigmas(spec, steps, model.sigma_min, model.sigma_max)
     counter = CountingModel(model.denoiser)
     round_sigma = getattr(model.denoiser, "round_sigma", None)
     start = time.perf_counter()
@@ -225,6 +244,29 @@ def _run_core(spec, model, latents, steps, generators, model_kwargs) -> RunOutpu
     sigma0, hat0 = float(out.sigmas[0]), float(out.sigma_hats[0])
     scale = initial_noise_std(sigma0, hat0, spec.churn.get("s_noise", 1.0))
     return RunOutput(out.sample, counter.calls, steps, seconds, hat0, scale)
+
+
+def describe(spec: SamplerSpec) -> str:
+    """The spec's description, with the solver's own and its grid's name for core runs on the
+    solver's default grid."""
+    if spec.runner != "core" or spec.discretization is not None:
+        return spec.description
+    from ..solvers import solver_info
+
+    info = solver_info(spec.solver)
+    return f"{spec.description}: {info.description}; {info.schedule} grid"
+
+
+def core_sigmas(spec: SamplerSpec, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The core runner's grid: `spec.discretization` (rho 7 for "karras"), or the solver's own
+    default schedule with its options when that is None, over [sigma_min, sigma_max]."""
+    from ..schedules import discretization, sigma_grid
+    from ..solvers import solver_info
+
+    if spec.discretization is not None:
+        return discretization(spec.discretization, steps, sigma_min, sigma_max)
+    info = solver_info(spec.solver)
+    return sigma_grid(info.schedule, steps, sigma_min, sigma_max, **info.schedule_options)
 
 
 def scheduler_class(name: str):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .samplers_registry import DEFAULT_NFE, SamplerSpec, resolve_samplers, run_sampler
+from .samplers_registry import DEFAULT_NFE, SamplerSpec, describe, resolve_samplers, run_sampler
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -381,6 +381,7 @@ def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[
     first = next(iter(by_run.values()))
     image_shape = tuple(model.to_image(first[0]["sample"][:1].to(_param_device(model))).shape[1:])
     stats = reference_statistics(config, model, features, image_shape)
+    reference = None if stats is None else metrics.FrechetReference(stats[0], stats[1])
     rows, samples, sample_features = [], {}, {}
     for spec in specs:
         for nfe in nfes:
@@ -398,16 +399,16 @@ def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[
             row["mode_mismatch"] = float(np.concatenate([p["mismatch"] for p in parts]).mean()) if has_modes else math.nan
             images = _to_images(model, sample)
             row["fd"] = math.nan
-            if stats is not None:
+            if reference is not None:
                 feats = sample_features[(spec.name, nfe)] = features(images).numpy()
-                row["fd"] = metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1])
+                row["fd"] = reference.distance_of_features(feats)
             rows.append(row)
             samples[(spec.name, nfe)] = images
     exact = model.exact_solution is not None
     meta = {
         "model": config.model,
         "model_info": model.info,
-        "samplers": {s.name: {"family": s.family, "description": s.description, "runner": s.runner} for s in specs},
+        "samplers": {s.name: {"family": s.family, "description": describe(s), "runner": s.runner} for s in specs},
         "features": features.name,
         "feature_info": features.describe(image_shape),
         "reference_statistics": None if stats is None else stats[2],
@@ -418,8 +419,8 @@ def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[
         "config": {k: v for k, v in asdict(config).items() if k != "extra_specs"},
         "versions": _versions(),
     }
-    if stats is not None and model.data_draws is not None and config.reference is None:
-        meta["fd_floor"] = _fd_floor(model, features, stats, config.num_samples)
+    if reference is not None and model.data_draws is not None and config.reference is None:
+        meta["fd_floor"] = _fd_floor(model, features, reference, config.num_samples)
     return {"rows": rows, "meta": meta, "samples": samples, "features": sample_features,
             "reference_statistics": None if stats is None else stats[:2]}
 
@@ -441,14 +442,14 @@ def _to_images(model, sample: torch.Tensor) -> torch.Tensor:
 FD_FLOOR_DRAWS = 5
 
 
-def _fd_floor(model, features, stats, n: int, draws: int = FD_FLOOR_DRAWS) -> dict:
+def _fd_floor(model, features, reference: metrics.FrechetReference, n: int, draws: int = FD_FLOOR_DRAWS) -> dict:
     """FD of n true data images against the reference statistics, mean and std over `draws`
     draws: what a perfect sampler scores with n samples, and how much that moves by chance.
     Samplers within about one std of it are indistinguishable from the data by this metric."""
     values = []
     for draw in range(draws):
         feats = features(model.data_draws(n, draw)).numpy()
-        values.append(metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1]))
+        values.append(reference.distance_of_features(feats))
     return {"num_samples": int(len(feats)), "draws": draws, "fd_mean": float(np.mean(values)),
             "fd_std": float(np.std(values, ddof=1)), "fd_values": values}
 

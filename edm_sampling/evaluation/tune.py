@@ -69,15 +69,16 @@ def bootstrap_fd(features: dict[Setting, np.ndarray], mu: np.ndarray, sigma: np.
                  seed: int = 0) -> tuple[dict[Setting, float], dict[Setting, float]]:
     """Bootstrap std of each setting's FD, and of its FD minus the deterministic setting's,
     resampling the same sample indices for every setting (they share their noise seeds)."""
-    from .metrics import feature_statistics, frechet_distance
+    from .metrics import FrechetReference
 
+    reference = FrechetReference(mu, sigma)
     n = len(next(iter(features.values())))
     rng = np.random.default_rng(seed)
     draws: dict[Setting, list[float]] = {s: [] for s in features}
     for _ in range(resamples):
         index = rng.integers(0, n, n)
         for setting, feats in features.items():
-            draws[setting].append(frechet_distance(*feature_statistics(feats[index]), mu, sigma))
+            draws[setting].append(reference.distance_of_features(feats[index]))
     base = np.array(draws[DETERMINISTIC])
     std = {s: float(np.std(v, ddof=1)) for s, v in draws.items()}
     diff_std = {s: float(np.std(np.array(v) - base, ddof=1)) for s, v in draws.items()}
@@ -89,13 +90,15 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     """Run every distinct churn setting of `base` at config.nfe[0] on the same seeds; returns
     {"grid": rows sorted by FD, "best": row, "deterministic_fd", "duplicates", "meta"} on the
     main process (rows carry fd_std and fd_delta_std from `bootstrap` resamples)."""
-    from ..schedules import discretization
+    from ..solvers import solver_info
     from .models import load_model
+    from .samplers_registry import core_sigmas
     from .report import write_csv, write_json
     from .sweep import DTYPES, run_sweep
 
-    if base not in ours_names():
-        raise ValueError(f"--sampler: tune works on our samplers {ours_names()}, got {base!r}")
+    churn_capable = [n for n in ours_names() if solver_info(SAMPLERS[n].solver).churn]
+    if base not in churn_capable:
+        raise ValueError(f"--sampler: churn applies to {churn_capable} (Euler and Heun), got {base!r}")
     if len(list(config.nfe)) != 1:
         raise ValueError("--nfe: tune takes a single NFE")
     if bootstrap < 0 or bootstrap == 1:
@@ -107,7 +110,7 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])
     spec = SAMPLERS[base]
     steps = spec.steps_for_nfe(int(config.nfe[0]))
-    sigmas = discretization(spec.discretization, steps, model.sigma_min, model.sigma_max)
+    sigmas = core_sigmas(spec, steps, model.sigma_min, model.sigma_max)
     groups = distinct_settings(grid, sigmas, getattr(model.denoiser, "round_sigma", None),
                                getattr(model.denoiser, "sigma_max", math.inf))
     config.extra_specs = [with_churn(spec, *setting) for setting in groups]

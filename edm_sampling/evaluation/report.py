@@ -290,8 +290,10 @@ def plot_quality_vs_nfe(rows: Sequence[dict], path: str | Path, title: str = "",
         if any(_finite(r.get(key)) and (not log or float(r[key]) > 0) for r in rows)
     ]
     count = max(len(panels), 1)
-    fig, axes = plt.subplots(1, count, figsize=(4.6 * count + 2.6, 4.4), squeeze=False)
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    # tall enough for the legend: a line per sampler, two for the true-data band, four for the title
+    height = max(4.4, 0.17 * (len(samplers) + 6) + 0.6)
+    fig, axes = plt.subplots(1, count, figsize=(4.6 * count + 2.6, height), squeeze=False)
     families = {r["sampler"]: r.get("family", "") for r in rows}
     styles = sampler_styles(samplers, families)
     handles: dict[str, Any] = {}

@@ -33,6 +33,8 @@ _EXPORTS = {
     "PreconditionedDenoiser": "denoisers",
     "family_from_scheduler_config": "families",
     "GaussianOracle": "oracles",
+    "GaussianMixtureOracle": "oracles",
+    "solve_probability_flow_ode": "oracles",
     "FiniteDataOracle": "oracles",
     "builtin_oracle": "oracles",
     "OracleUNet2DModel": "oracle_unet",

@@ -16,7 +16,7 @@ import torch
 
 from edm_sampling.cli import main
 from edm_sampling.evaluation.metrics import loglog_slope
-from edm_sampling.evaluation.samplers_registry import SAMPLERS
+from edm_sampling.evaluation.samplers_registry import SAMPLERS, ours_names
 from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +29,13 @@ def _bench(tmp_path, *extra: str) -> list[str]:
 def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
     out = tmp_path / "bench"
     # its wall time (about 3 s here) is reported in the notes, not asserted: machines are noisy
-    assert main(_bench(tmp_path, "--nfe", "4,9", "--num-samples", "16", "--output", str(out))) == 0
-    printed = capsys.readouterr().out
+    assert main(_bench(tmp_path, "--model", "gaussian", "--nfe", "4,9", "--num-samples", "16", "--output-dir", str(out))) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "wall time:" in printed and "edm-heun" in printed and "dpmpp-2m-karras" in printed
+    # the even NFE is said once, on stderr while sampling starts, and again under the tables
+    assert "NFE 4: these samplers cannot make exactly 4 calls" in captured.err
+    assert "edm-heun (3)" in printed and "heun-karras (3)" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(SAMPLERS) * 2
     payload = json.loads((out / "results.json").read_text())
@@ -41,8 +45,8 @@ def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
     assert len(grids) == len(SAMPLERS) * 2 and "edm-heun_nfe9.png" in grids
     by_name = {(r["sampler"], int(r["nfe_target"])): r for r in rows}
     # the sweep lists diffusers' samplers beside ours at equal (measured) NFE
-    for name in ("edm-heun", "edm-euler", "ddim", "dpmpp-2m-karras", "euler-karras", "heun-karras", "unipc"):
-        assert int(by_name[(name, 9)]["nfe"]) == 9
+    for name in SAMPLERS:  # every row, the analytical-first-step ones included, counted by wrapping the model
+        assert int(by_name[(name, 9)]["nfe"]) == 9, name
     # an even target: Heun-type samplers take the largest count not above it, and say so
     assert int(by_name[("edm-heun", 4)]["nfe"]) == 3 and int(by_name[("heun-karras", 4)]["nfe"]) == 3
     assert int(by_name[("ddim", 4)]["nfe"]) == 4
@@ -50,9 +54,9 @@ def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
     assert float(by_name[("edm-heun", 9)]["fd"]) > 0
     # the reference statistics came from the cache the second time; the folder is not overwritten silently
     with pytest.raises(SystemExit):
-        main(_bench(tmp_path, "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out)))
+        main(_bench(tmp_path, "--model", "gaussian", "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out)))
     assert "pass --overwrite" in capsys.readouterr().err
-    assert main(_bench(tmp_path, "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out),
+    assert main(_bench(tmp_path, "--model", "gaussian", "--nfe", "3", "--samplers", "edm-euler", "--num-samples", "4", "--output", str(out),
                        "--overwrite", "--grid-images", "0")) == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["meta"]["reference_statistics"]["loaded_from_cache"] is True
@@ -78,7 +82,7 @@ def _rows_key(rows):
 
 
 def test_one_and_two_processes_give_the_same_results(tmp_path):
-    args = ["--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
+    args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
             "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"]
     single = run_sweep(SweepConfig(model="gaussian", samplers=["edm-heun-churn", "edm-heun", "ddim"], nfe=[5], num_samples=6,
                                    batch_size=2, progress=False, stats_cache=str(tmp_path / "cache")))
@@ -121,8 +125,13 @@ def test_bench_on_a_local_diffusers_folder(tmp_path, ddpm_folder):
     for i in range(4):
         Image.fromarray((np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
     result = run_sweep(SweepConfig(model=str(ddpm_folder), samplers=["edm-euler"], nfe=[2], num_samples=4, reference_steps=0,
-                                   reference=str(images), stats_cache=str(tmp_path / "cache"), progress=False))
+                                   reference=str(images), stats_cache=str(tmp_path / "cache"), progress=False,
+                                   output=str(tmp_path / "with-reference")))
     assert np.isfinite(result["rows"][0]["fd"]) and np.isnan(result["rows"][0]["error_mean"])
+    # the grid shows the --reference images beside the samples: two panels side by side
+    alone = Image.open(tmp_path / "out" / "grids" / "ddim_nfe3.png")  # no data to show: one panel
+    beside = Image.open(tmp_path / "with-reference" / "grids" / "edm-euler_nfe2.png")
+    assert beside.width > 1.6 * alone.width
 
 
 def test_bench_on_a_stable_diffusion_folder(tmp_path):
@@ -197,7 +206,8 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     EDMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     result = run_sweep(SweepConfig(model=str(path), nfe=[3], num_samples=2, reference_steps=4, progress=False))
     names = [r["sampler"] for r in result["rows"]]
-    assert names == [n for n, s in SAMPLERS.items() if s.family == "edm_sampling"]  # diffusers' need a VP model
+    assert names == ours_names()  # the scheduler loop needs a discrete VP epsilon network
+    assert any(note.startswith("skipped edm-heun-scheduler, ddim") for note in result["meta"]["notes"])
     assert all(r["nfe"] == 3 for r in result["rows"])
     assert all(np.isfinite(r["error_mean"]) for r in result["rows"] if r["sampler"] != "edm-heun-churn")
     with pytest.raises(ValueError, match="discrete VP"):

@@ -9,19 +9,30 @@ import time
 BENCH_DESCRIPTION = """\
 Sweep samplers and step counts on a model and report quality, model calls (NFE) and time.
 
-Without --model it runs on the built-in exact model "gaussian" (the ideal denoiser of a 64-d
-anisotropic Gaussian, whose ODE has a closed-form solution; no download, CPU, under a
-minute); `--model digits` uses the ideal denoiser of scikit-learn's 8x8 digits. It compares our EDM samplers with diffusers'
-DDIM, DPM-Solver++ 2M, Euler, Heun and UniPC at equal NFE. Quality is the per-sample RMSE to a
-high-accuracy solution of the same ODE from the same noise, and the Frechet distance to the
-data (FID with --inception weights, else FD on pooled pixels). Writes a table, results.csv,
-results.json, quality_vs_nfe.png and sample grids into --output (never overwritten without
---overwrite). Under `accelerate launch` the seeds are split across processes."""
+Without --model it runs on the built-in exact model "mixture": the ideal denoiser of a
+6-component Gaussian mixture of 3x16x16 images, whose ODE is solved to ~1e-7 from the same
+noise (no download, CPU). `--model gaussian` is a 64-d Gaussian with a closed-form ODE
+solution; `--model digits` the ideal denoiser of scikit-learn's 8x8 digits. It compares our
+EDM samplers (run as plain functions, and as EDMScheduler in a diffusers loop) with
+diffusers' DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS at equal NFE.
+
+Quality, lower is better everywhere: the per-sample RMSE to the ODE solution from the same
+noise; the share of samples that end in another mode (mixture component, training image)
+than that solution; and the Frechet distance to the data (FID with --inception weights, else
+FD on pooled pixels), beside the FD of as many true data draws. Prints one table per
+metric with the best sampler per NFE marked and the ratio best edm_sampling / best diffusers;
+writes results.csv, results.json, quality_vs_nfe.png and titled sample grids into
+--output-dir (never overwritten without --overwrite). Under `accelerate launch` the seeds are
+split across processes."""
 
 TUNE_DESCRIPTION = """\
 Grid search of the stochastic sampler's S_churn, S_tmin, S_tmax and S_noise at one NFE
 (the procedure behind the paper's Figure 4 / Table 5), scored by the Frechet distance to
-the data. Reports the best setting and writes the full grid (tune.csv, tune.json, tune.png)."""
+the data. Settings that give the same per-step churn on the NFE's grid (gamma is capped at
+sqrt(2) - 1, and S_tmin / S_tmax act only through the grid levels they include) are run once.
+Reports the best setting with the FD's noise (a bootstrap std over the samples, and of the
+difference to the deterministic sampler on the same seeds), and writes the full grid
+(tune.csv, tune.json, tune.png)."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -42,17 +53,18 @@ def _str_list(text: str) -> list[str]:
     return [v for v in text.replace(",", " ").split() if v]
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int, batch_size: int) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="gaussian",
-                       help="'gaussian' (default) or 'digits' (built-in exact models), or a local diffusers folder "
+    group.add_argument("--model", default="mixture",
+                       help="'mixture' (default), 'gaussian' or 'digits' (built-in exact models), or a local diffusers folder "
                             "(DDPM/DDIM UNet + scheduler, NCSN++ VE, an EDM model trained with this package, Stable Diffusion)")
     group.add_argument("--prompt", default=None, help="text prompt for a Stable Diffusion folder")
     group.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance for --prompt (default 7.5)")
     group.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     group = parser.add_argument_group("metrics")
-    group.add_argument("--num-samples", type=int, default=256, help="samples per sampler and NFE (default 256)")
-    group.add_argument("--batch-size", type=int, default=256, help="seeds per batch; batches are split across processes")
+    group.add_argument("--num-samples", type=int, default=num_samples, help=f"samples per sampler and NFE (default {num_samples})")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"seeds per batch (default {batch_size}); the progress bar moves per batch, batches are split across processes")
     group.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
     group.add_argument("--inception", default=None, metavar="PATH",
                        help="local Inception-v3 FID weights (a state dict, .pth or .safetensors): report FID; "
@@ -63,7 +75,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stats-cache", default=None, metavar="DIR",
                        help="where reference statistics are cached (default ~/.cache/edm_sampling/fd_stats)")
     group = parser.add_argument_group("output")
-    group.add_argument("--output", default=None, metavar="DIR", help="output folder (default bench_results/<model>)")
+    group.add_argument("--output-dir", "--output", dest="output", default=None, metavar="DIR",
+                       help="output folder (default bench_results/<model>); --output is an alias")
     group.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
     group.add_argument("--grid-images", type=int, default=64, help="images per sample grid (0: no grids)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -71,7 +84,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the `bench` and `tune` subcommands."""
-    from .samplers_registry import DEFAULT_NFE, SAMPLERS
+    from .samplers_registry import DEFAULT_NFE, SAMPLERS, ours_names
 
     bench = subparsers.add_parser("bench", help="sweep samplers x NFE on a model: quality, NFE, time",
                                   description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,21 +93,23 @@ def register(subparsers) -> None:
     bench.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE),
                        help=f"target model calls, comma-separated (default {','.join(map(str, DEFAULT_NFE))})")
     bench.add_argument("--reference-steps", type=int, default=256,
-                       help="Heun steps of the reference ODE solution (0: skip the ODE error; default 256)")
-    _add_model_arguments(bench)
+                       help="Heun steps of the reference ODE solution of a --model folder (the built-in models have an "
+                            "exact one); 0: skip the ODE error (default 256)")
+    _add_model_arguments(bench, num_samples=256, batch_size=256)
     bench.set_defaults(func=bench_main)
 
     tune = subparsers.add_parser("tune", help="grid search of S_churn, S_tmin, S_tmax, S_noise at one NFE",
                                  description=TUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     tune.add_argument("--nfe", type=int, default=35, help="model calls per sample (default 35: 18 Heun steps)")
-    tune.add_argument("--sampler", default="edm-heun", choices=[n for n, s in SAMPLERS.items() if s.family == "edm_sampling"],
+    tune.add_argument("--sampler", default="edm-heun", choices=ours_names(),
                       help="the base sampler whose churn is tuned (default edm-heun)")
     tune.add_argument("--s-churn", type=_float_list, default=[0, 10, 30, 80], help="S_churn values (default 0,10,30,80)")
     tune.add_argument("--s-tmin", type=_float_list, default=[0.01, 0.05], help="S_tmin values (default 0.01,0.05)")
     tune.add_argument("--s-tmax", type=_float_list, default=[1, 50], help="S_tmax values (default 1,50)")
     tune.add_argument("--s-noise", type=_float_list, default=[1.0, 1.007], help="S_noise values (default 1,1.007)")
-    _add_model_arguments(tune)
-    tune.set_defaults(func=tune_main, num_samples=512, batch_size=512)
+    tune.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD's noise (default 200; 0: none)")
+    _add_model_arguments(tune, num_samples=512, batch_size=128)
+    tune.set_defaults(func=tune_main)
 
 
 def _config_from_args(args, **overrides):
@@ -113,58 +128,74 @@ def _config_from_args(args, **overrides):
     )
 
 
+def _since_start(args) -> float:
+    """Seconds since the command started (imports included; from now when called without `edm_sampling.cli`)."""
+    return time.perf_counter() - getattr(args, "started", time.perf_counter())
+
+
 def bench_main(args) -> int:
-    """Run `edm-sampling bench` and print the table and the wall time."""
-    start = time.perf_counter()
-    from .report import format_table, pivot_table
+    """Run `edm-sampling bench` and print the tables and the wall time."""
+    from .report import format_report
     from .sweep import run_sweep
 
     config = _config_from_args(args, samplers=args.samplers, nfe=args.nfe, reference_steps=args.reference_steps)
     result = run_sweep(config)
     if not result:
         return 0
-    rows, meta = result["rows"], result["meta"]
     print()
-    print(format_table(rows))
-    print()
-    print(pivot_table(rows, "error_median"))
-    print()
-    print(pivot_table(rows, "fd"))
-    print()
-    print(f"model: {meta['model']} ({meta['model_info'].get('model', '')})")
-    print(f"error: per-sample RMSE to the ODE solution from the same noise ({meta['ode_reference']}); "
-          f"Frechet distance: {meta['features']}")
-    if meta.get("ode_reference_check"):
-        check = meta["ode_reference_check"]
-        print(f"reference accuracy: {check['steps']} vs {check['steps'] // 2} Heun steps differ by "
-              f"{check['half_steps_rmse_max']:.2e} RMSE at most (its own error ~{check['estimated_error']:.1e})")
-    if meta.get("fd_floor"):
-        print(f"FD of {meta['fd_floor']['num_samples']} true data samples (the floor at this sample count): "
-              f"{meta['fd_floor']['fd']:.4g}")
-    print(f"outputs: {config.output}")
-    print(f"wall time: {time.perf_counter() - start:.1f} s ({meta['num_processes']} process(es))")
+    print(format_report(result))
+    print(f"outputs: {config.output} (results.csv has every metric per sampler and NFE)")
+    print(f"wall time: {_since_start(args):.1f} s since the command started ({result['meta']['num_processes']} process(es))")
     return 0
 
 
+def _setting_group(members: list[list[float]]) -> str:
+    """'S_churn=10,30 S_tmin=0.01 ...: 2 settings' when the members are every combination of
+    their values, else the members one by one."""
+    names = ("S_churn", "S_tmin", "S_tmax", "S_noise")
+    values = [sorted({m[i] for m in members}) for i in range(4)]
+    if len(members) == len(values[0]) * len(values[1]) * len(values[2]) * len(values[3]):
+        return " ".join(f"{n}={','.join(f'{v:g}' for v in vs)}" for n, vs in zip(names, values)) + f": {len(members)} settings"
+    return " = ".join("(" + " ".join(f"{n}={v:g}" for n, v in zip(names, m)) + ")" for m in members)
+
+
 def tune_main(args) -> int:
-    """Run `edm-sampling tune`: print the best churn setting and the grid."""
-    start = time.perf_counter()
+    """Run `edm-sampling tune`: print the grid, the best churn setting and whether its win is
+    larger than the metric's noise."""
     from .tune import run_tune
 
-    config = _config_from_args(args, nfe=[args.nfe], reference_steps=0, samplers=[], tune=True)
+    config = _config_from_args(args, nfe=[args.nfe], samplers=[], tune=True)
     result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
-                      s_noise=args.s_noise)
+                      s_noise=args.s_noise, bootstrap=args.bootstrap)
     if not result:
         return 0
     from .report import format_table
 
-    columns = ("s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "sec_per_sample")
+    columns = ("s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std", "fd_delta", "fd_delta_std", "sec_per_sample")
     print()
+    print("fd: Frechet distance to the data (lower is better); fd_std: its bootstrap std; fd_delta: fd minus the "
+          "deterministic sampler's, fd_delta_std: the std of that difference (same seeds)")
     print(format_table(result["grid"], columns))
+    print()
+    print(f"{result['tested']} settings, {result['run']} distinct on this grid (gamma = min(S_churn/N, sqrt(2)-1) on the "
+          f"levels in [S_tmin, S_tmax]); each group below ran once:")
+    for row in result["grid"]:
+        if row["same_as"]:
+            print(f"  {_setting_group([[row['s_churn'], row['s_tmin'], row['s_tmax'], row['s_noise']]] + row['same_as'])}")
     best = result["best"]
     print()
     print(f"best at NFE {best['nfe']}: S_churn={best['s_churn']:g} S_tmin={best['s_tmin']:g} S_tmax={best['s_tmax']:g} "
-          f"S_noise={best['s_noise']:g}  FD {best['fd']:.4g} (deterministic: {result['deterministic_fd']:.4g})")
+          f"S_noise={best['s_noise']:g}  FD {best['fd']:.4g} +- {best['fd_std']:.2g} "
+          f"(deterministic: {result['deterministic_fd']:.4g})")
+    churned = [r for r in result["grid"] if r["s_churn"] > 0 and r["fd_delta_std"] == r["fd_delta_std"]]
+    if best["s_churn"] > 0 and churned:
+        margin = -best["fd_delta"] / best["fd_delta_std"] if best["fd_delta_std"] > 0 else float("inf")
+        verdict = "a real win" if margin >= 2 else "within the noise: not a reliable win"
+        print(f"its gain over the deterministic sampler: {-best['fd_delta']:.3g} = {margin:.1f} std of the paired difference: {verdict}")
+    elif churned:
+        nearest = churned[0]
+        print(f"no churn setting beats the deterministic sampler; the best one is worse by {nearest['fd_delta']:.3g} "
+              f"= {nearest['fd_delta'] / max(nearest['fd_delta_std'], 1e-12):.1f} std of the paired difference")
     print(f"outputs: {config.output}")
-    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    print(f"wall time: {_since_start(args):.1f} s since the command started")
     return 0

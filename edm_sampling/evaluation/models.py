@@ -1,7 +1,9 @@
 """The models a sweep can run on, behind one small interface (`BenchModel`).
 
-- The built-in exact models (no download): "digits", the ideal denoiser of scikit-learn's 1797
-  8x8 digits, and "gaussian", a 64-d Gaussian whose ODE has a closed-form solution.
+- The built-in exact models (no download): "mixture" (the default), a 6-component Gaussian
+  mixture of 3x16x16 images whose ODE is solved to ~1e-7 by a reference integrator;
+  "gaussian", a 64-d Gaussian whose ODE has a closed-form solution; and "digits", the ideal
+  denoiser of scikit-learn's 1797 8x8 digits.
 - A local diffusers folder (`--model PATH`): a DDPM / DDIM style UNet + scheduler, an NCSN++
   (VE) UNet with `ScoreSdeVeScheduler`, a model trained with this package (EDM
   preconditioning, `edm_sampling.schedulers.EDMScheduler`), or a Stable Diffusion folder
@@ -24,7 +26,7 @@ import torch
 from ..families import EDM, VE
 from ..schedules import EDM_SIGMA_MAX, EDM_SIGMA_MIN, clamp_sigma_range
 
-BUILTIN_MODELS = ("digits", "gaussian")
+BUILTIN_MODELS = ("mixture", "gaussian", "digits")
 VE_SAMPLING_RANGE = (0.02, 100.0)  # Table 1's VE range: our discretizations span at most this
 
 
@@ -39,8 +41,13 @@ class BenchModel:
     `UNet2DModel` call signature and the config of its DDPM-family scheduler, for diffusers'
     own samplers; None where those samplers do not apply (VE, EDM models).
     `to_image`: model data -> images in [-1, 1] (VE data is in [0, 1]; latents are decoded).
-    `exact_solution(x, sigma)`: the exact ODE solution at sigma = 0 from x at sigma, if known.
+    `exact_solution(x, sigma)`: the exact ODE solution at sigma = 0 from x at sigma, if known
+    (closed form, or a reference integrator as accurate), described by `ode_reference`.
+    `assign(x)`: for models with discrete modes (mixture components, training images), the
+    mode each clean sample belongs to (int64 [B]); None for single-mode or unknown models.
     `reference_images()`: data images in [-1, 1] for the Frechet reference statistics.
+    `data_draws(n, draw)`: n true data images (draw = 0, 1, ...: different draws) for the FD
+    noise-floor estimate; None where the data cannot be drawn.
     `num_classes`: class-conditional models get one label per seed.
     """
 
@@ -53,8 +60,11 @@ class BenchModel:
     scheduler_config: dict | None = None
     to_image: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     exact_solution: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    ode_reference: str = ""
+    assign: Callable[[torch.Tensor], torch.Tensor] | None = None
     reference_images: Callable[[], torch.Tensor] | None = None
     reference_description: dict = field(default_factory=dict)
+    data_draws: Callable[[int, int], torch.Tensor] | None = None
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
 
@@ -75,35 +85,68 @@ class BenchModel:
         return {"class_labels": torch.tensor(labels, device=device)}
 
 
-def builtin_model(name: str = "digits") -> BenchModel:
+def builtin_model(name: str = "mixture") -> BenchModel:
     """The built-in exact model: the oracle for our samplers and `OracleUNet2DModel` (its
-    epsilon form for diffusers' default DDPM betas) for diffusers' samplers."""
+    epsilon form for diffusers' default DDPM betas) for the scheduler loop."""
     from diffusers import DDPMScheduler
 
     from ..oracle_unet import OracleUNet2DModel
-    from ..oracles import builtin_oracle, load_digits
+    from ..oracles import REFERENCE_RTOL, builtin_oracle, load_digits, solve_probability_flow_ode
 
     if name not in BUILTIN_MODELS:
         raise ValueError(f"--model: the built-in models are {BUILTIN_MODELS}, got {name!r} (or give a folder path)")
-    oracle = builtin_oracle(name)
-    unet = OracleUNet2DModel(dataset=name).eval()
+    unet = OracleUNet2DModel(dataset=name, coordinates="basis" if name == "mixture" else "pixel").eval()
+    oracle = builtin_oracle(name) if name == "mixture" else unet.oracle  # the data, in image space
     scheduler_config = dict(DDPMScheduler(clip_sample=False).config)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    common = dict(name=name, denoiser=oracle, sample_shape=shape, sigma_min=0.002, sigma_max=80.0, unet=unet,
+    common = dict(name=name, denoiser=unet.oracle, sample_shape=shape, sigma_min=0.002, sigma_max=80.0, unet=unet,
                   scheduler_config=scheduler_config)
+    def solution(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if name == "gaussian":
+            return unet.oracle.ode_solution(x, sigma, 0.0)
+        return solve_probability_flow_ode(unet.oracle, x, sigma, 0.0).solution
+
+    integrator = (f"Dormand-Prince 5(4) in log sigma, float64, rtol {REFERENCE_RTOL:g} "
+                  "(error <= 1e-7 RMSE by step halving, tests/test_oracles.py)")
     if name == "digits":
+        digits = load_digits().float()
+
+        def subsets(n: int, draw: int) -> torch.Tensor:
+            return digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(1 + draw))[:n]]
+
         return BenchModel(
             **common,
-            reference_images=lambda: load_digits().float(),
+            exact_solution=solution,
+            ode_reference=integrator + "; it agrees with Heun at 511 model calls to 2e-9",
+            assign=oracle.assign,
+            reference_images=lambda: digits,
             reference_description={"data": "sklearn digits 8x8, 1797 images, [-1, 1]"},
+            data_draws=subsets,
             info={"model": "exact denoiser of scikit-learn's 8x8 digits (1797 images)"},
         )
+
+    def draws(n: int, draw: int) -> torch.Tensor:
+        return oracle.sample_data(n, torch.Generator().manual_seed(1 + draw)).float()
+
+    if name == "gaussian":
+        reference, to_image, modes = "exact closed form", (lambda x: x), None
+        description = "exact denoiser of a 64-d anisotropic Gaussian (closed-form ODE solution)"
+    else:
+        # sampled in the DCT coordinates where the covariances are diagonal (samplers commute
+        # with the rotation; see GaussianMixtureOracle.in_basis_coordinates), shown as images
+        reference, modes = integrator, unet.oracle.assign
+        to_image = lambda z: oracle.from_basis(z).to(z.dtype)  # noqa: E731
+        description = "exact denoiser of a 6-component Gaussian mixture of 3x16x16 images (DCT-diagonal covariances)"
     return BenchModel(
         **common,
-        exact_solution=lambda x, sigma: oracle.ode_solution(x, sigma, 0.0),
+        to_image=to_image,
+        exact_solution=solution,
+        ode_reference=reference,
+        assign=modes,
         reference_images=lambda: oracle.sample_data(10_000, torch.Generator().manual_seed(0)).float(),
-        reference_description={"data": "built-in gaussian, 10000 draws, seed 0"},
-        info={"model": "exact denoiser of a 64-d anisotropic Gaussian (closed-form ODE solution)"},
+        reference_description={"data": f"built-in {name}, 10000 draws, seed 0"},
+        data_draws=draws,
+        info={"model": description},
     )
 
 

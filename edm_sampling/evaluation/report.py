@@ -18,16 +18,19 @@ import numpy as np
 COLUMNS = (
     "sampler",
     "family",
+    "stochastic",
     "steps",
     "nfe_target",
     "nfe",
     "error_mean",
     "error_median",
     "error_p90",
+    "mode_mismatch",
     "fd",
     "sec_per_sample",
     "num_samples",
 )
+OURS, DIFFUSERS = "edm_sampling", "diffusers"
 OUTPUT_FILES = ("results.csv", "results.json", "quality_vs_nfe.png")
 
 
@@ -81,13 +84,53 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     return "\n".join(out)
 
 
+METRIC_LABELS = {
+    "error_mean": "mean per-sample RMSE to the ODE solution from the same noise",
+    "error_median": "median per-sample RMSE to the ODE solution from the same noise",
+    "mode_mismatch": "fraction of samples that end in another mode than their reference",
+    "fd": "Frechet distance to the data",
+}
+STOCHASTIC_MARK = "(stoch.)"
+
+
+def best_per_nfe(rows: Sequence[dict], value: str) -> dict[int, float]:
+    """The smallest finite `value` at each target NFE (over all samplers)."""
+    best: dict[int, float] = {}
+    for r in rows:
+        v = float(r.get(value, math.nan))
+        if math.isfinite(v):
+            best[r["nfe_target"]] = min(v, best.get(r["nfe_target"], math.inf))
+    return best
+
+
+def family_ratio(rows: Sequence[dict], value: str) -> dict[int, float]:
+    """Per target NFE: best of our samplers / best of diffusers' (< 1: ours is better); NaN
+    where either family has no finite value or diffusers' best is 0."""
+    best = {family: best_per_nfe([r for r in rows if r.get("family") == family], value) for family in (OURS, DIFFUSERS)}
+    ratios = {}
+    for nfe in sorted({r["nfe_target"] for r in rows}):
+        ours, theirs = best[OURS].get(nfe, math.nan), best[DIFFUSERS].get(nfe, math.nan)
+        ratios[nfe] = ours / theirs if theirs > 0 else math.nan
+    return ratios
+
+
+def _cell(value: str, row: dict) -> str:
+    v = float(row.get(value, math.nan))
+    if math.isnan(v):
+        return STOCHASTIC_MARK if row.get("stochastic") and value != "fd" else "-"
+    return f"{100 * v:.1f}%" if value == "mode_mismatch" else _format(v)
+
+
 def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
-    """Samplers as rows, target NFE as columns, `value` in the cells (measured NFE in brackets
-    when it differs from the target)."""
+    """Samplers as rows, target NFE as columns, `value` in the cells, lower is better: '*'
+    marks the best at each NFE, the measured NFE follows in brackets where it differs from
+    the target, stochastic samplers say so where they have no value, and a last row gives
+    best edm_sampling / best diffusers when both families are present."""
     targets = sorted({r["nfe_target"] for r in rows})
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
-    header = [f"{value} \\ NFE"] + [str(t) for t in targets]
+    best = best_per_nfe(rows, value)
+    header = ["sampler \\ NFE"] + [str(t) for t in targets]
     body = []
     for name in samplers:
         line = [name]
@@ -96,15 +139,68 @@ def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
             if r is None:
                 line.append("")
                 continue
-            text = _format(float(r.get(value, math.nan)))
+            text = _cell(value, r)
+            v = float(r.get(value, math.nan))
+            text += "*" if math.isfinite(v) and v <= best.get(t, math.nan) else " "
             if r.get("nfe") != t:
-                text += f" ({r.get('nfe')})"
+                text = f"({r.get('nfe')}) " + text
             line.append(text)
         body.append(line)
-    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in [header] + body]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    families = {r.get("family") for r in rows}
+    footer = []
+    if {OURS, DIFFUSERS} <= families:
+        ratios = family_ratio(rows, value)
+        footer.append(["best edm_sampling / best diffusers"] + [_format(ratios[t]) + "x" if math.isfinite(ratios[t]) else "- "
+                                                                for t in targets])
+    table = [header] + body + footer
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [f"{value}: {METRIC_LABELS.get(value, value)} (lower is better; * = best at this NFE)", render(header), rule]
+    lines += [render(row) for row in body]
+    if footer:
+        lines += [rule] + [render(row) for row in footer]
     return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    """What `edm-sampling bench` prints: the pivot tables, what is missing and why, the FD of
+    true data with its noise, the reference's accuracy, and the notes."""
+    rows, meta = result["rows"], result["meta"]
+    parts = [pivot_table(rows, "error_median")] if any(math.isfinite(float(r["error_median"])) for r in rows) else []
+    if any(math.isfinite(float(r.get("mode_mismatch", math.nan))) for r in rows):
+        parts.append(pivot_table(rows, "mode_mismatch"))
+    if any(math.isfinite(float(r["fd"])) for r in rows):
+        parts.append(pivot_table(rows, "fd"))
+    legend = [f"model: {meta['model']} ({meta['model_info'].get('model', '')})",
+              f"ODE reference: {meta['ode_reference']}; Frechet distance on {meta['features']}"]
+    if any(r.get("stochastic") for r in rows):
+        legend.append(f"{STOCHASTIC_MARK}: a stochastic sampler has no single ODE solution to compare with (FD only)")
+    if any(r.get("nfe") != r["nfe_target"] for r in rows):
+        legend.append("(n): the measured NFE where a sampler cannot make exactly the target (Heun-type: 2N - 1 calls)")
+    if any(float(r["error_median"]) < 1e-6 for r in rows):
+        legend.append("error below 1e-6: at least half the samples equal their reference within its accuracy (the ideal "
+                      "denoiser of a finite dataset snaps onto training images): the mode table tells these samplers apart")
+    if meta.get("has_modes"):
+        n = max(int(r.get("num_samples", 0)) for r in rows)
+        legend.append("mode: the mixture component (most likely at noise 0.2) or the nearest training image of a sample; "
+                      f"a fraction p of {n} samples is uncertain by +- sqrt(p (1 - p) / {n}) "
+                      f"(2% +- {100 * math.sqrt(0.02 * 0.98 / max(n, 1)):.1f}%)")
+    check = meta.get("ode_reference_check")
+    if check:
+        text = (f"reference accuracy: {check['steps']} vs {check['steps'] // 2} Heun steps differ by at most "
+                f"{check['half_steps_rmse_max']:.2e} RMSE (its own error ~{check['estimated_error']:.1e})")
+        legend.append(text)
+    floor = meta.get("fd_floor")
+    if floor:
+        legend.append(f"FD of {floor['num_samples']} true data draws (no sampler error, only sampling noise): "
+                      f"{floor['fd_mean']:.4g} +- {floor['fd_std']:.2g} (mean +- std over {floor['draws']} draws); "
+                      "samplers within ~2 std of it are as good as the data by this metric")
+    legend += [f"note: {note}" for note in meta.get("notes", [])]
+    return "\n\n".join(parts + ["\n".join(legend)])
 
 
 def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None) -> None:
@@ -144,54 +240,104 @@ def write_json(payload: dict, path: str | Path) -> None:
         handle.write("\n")
 
 
-def plot_quality_vs_nfe(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Quality against measured NFE on log-log axes, one line per sampler: the mean per-sample
-    ODE error (left; the mean, because on multi-modal data most samples land exactly on their
-    reference and the median is 0) and the Frechet distance (right); panels with no finite
-    value are skipped."""
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p", "d", "8")
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#000000", "#8db600", "#882d17", "#f3c300", "#604e97", "#00a86b", "#ff1493", "#654522", "#a1caf1", "#f99379",
+           "#000080", "#808000", "#00ced1", "#b03060", "#ff8c00", "#2f4f4f", "#7cfc00", "#da70d6", "#4682b4", "#a0522d")
+"""tab10, then twenty more of high mutual contrast (Kelly's list and named web colours): 30."""
+
+
+def sampler_styles(names: Sequence[str], families: dict[str, str]) -> dict[str, dict]:
+    """A distinct colour and marker per sampler (distinct colours for up to 30 samplers, distinct
+    pairs for up to 210), a solid line for ours and a dashed one for diffusers'."""
+    return {
+        name: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+               "linestyle": "--" if families.get(name) == DIFFUSERS else "-"}
+        for i, name in enumerate(names)
+    }
+
+
+def _label_log_y(axis) -> None:
+    """Plain-number labels on a log y axis: at 1, 2 and 5 times the powers of ten when it spans
+    up to 3 decades, else at every power of ten (call after the data are plotted)."""
+    from matplotlib import ticker
+
+    low, high = axis.get_ylim()
+    decades = math.log10(max(high, 1e-300)) - math.log10(max(low, 1e-300))
+    target = axis.yaxis
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,), numticks=30))
+    target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
+def plot_quality_vs_nfe(rows: Sequence[dict], path: str | Path, title: str = "", fd_floor: dict | None = None) -> None:
+    """Quality against measured NFE, one line per sampler, lower is better in every panel:
+    the median per-sample ODE error (log-log; zeros are left out), the mode-mismatch fraction (where the model has
+    modes) and the Frechet distance (log-log, with the FD of true data draws as a band);
+    panels with no value are left out. One legend for all panels, on the right."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    metrics = [
-        (key, label)
-        for key, label in (("error_mean", "mean RMSE vs reference ODE solution"), ("fd", "Frechet distance"))
-        if any(_finite_positive(r.get(key)) for r in rows)
+    panels = [
+        (key, label, log)
+        for key, label, log in (
+            ("error_median", "median RMSE to the ODE solution\nfrom the same noise", True),
+            ("mode_mismatch", "samples ending in another mode\nthan their reference (%)", False),
+            ("fd", "Frechet distance to the data", True),
+        )
+        if any(_finite(r.get(key)) and (not log or float(r[key]) > 0) for r in rows)
     ]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(6.4 * max(len(metrics), 1), 4.8), squeeze=False)
+    count = max(len(panels), 1)
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    cmap = plt.get_cmap("tab10")
-    for axis, (key, label) in zip(axes[0], metrics):
-        for index, name in enumerate(samplers):
-            points = sorted(
-                (r["nfe"], r[key]) for r in rows if r["sampler"] == name and _finite_positive(r.get(key))
-            )
-            if not points:
-                continue
-            family = next(r.get("family", "") for r in rows if r["sampler"] == name)
-            x, y = zip(*points)
-            axis.plot(
-                x, y, marker="o" if family != "diffusers" else "s", markersize=4,
-                linestyle="-" if family != "diffusers" else "--", color=cmap(index % 10), label=name,
-            )
+    # tall enough for the legend: a line per sampler, two for the true-data band, four for the title
+    height = max(4.4, 0.17 * (len(samplers) + 6) + 0.6)
+    fig, axes = plt.subplots(1, count, figsize=(4.6 * count + 2.6, height), squeeze=False)
+    families = {r["sampler"]: r.get("family", "") for r in rows}
+    styles = sampler_styles(samplers, families)
+    handles: dict[str, Any] = {}
+    nfes = sorted({r["nfe"] for r in rows})
+    for axis, (key, label, log) in zip(axes[0], panels):
+        for name in samplers:
+            points = sorted((r["nfe"], float(r[key]) * (1 if log else 100)) for r in rows
+                            if r["sampler"] == name and _finite(r.get(key)) and (not log or float(r[key]) > 0))
+            if points:
+                x, y = zip(*points)
+                (handles[name],) = axis.plot(x, y, markersize=5, linewidth=1.4, label=name, **styles[name])
+        if key == "fd" and fd_floor:
+            low, high = fd_floor["fd_mean"] - 2 * fd_floor["fd_std"], fd_floor["fd_mean"] + 2 * fd_floor["fd_std"]
+            band = axis.axhspan(max(low, 1e-12), high, color="0.6", alpha=0.35, zorder=0)
+            handles["true data"] = band
         axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel("model calls (NFE, measured)")
-        axis.set_ylabel(label)
+        axis.set_xticks(nfes)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if log:
+            axis.set_yscale("log")
+            _label_log_y(axis)
+        else:
+            axis.set_ylim(bottom=0)
+        axis.set_xlabel("model calls (NFE)")
+        axis.set_title(label + " (lower is better)", fontsize=9)
         axis.grid(True, which="both", alpha=0.3)
-    if metrics:
-        axes[0][-1].legend(fontsize=7, loc="best")
+    if handles:
+        names = [n for n in samplers if n in handles]
+        labels = names[:]
+        if "true data" in handles:
+            names.append("true data")
+            labels.append(f"FD of {fd_floor['num_samples']} true data draws\n(mean +- 2 std: no sampler error)")
+        fig.legend([handles[n] for n in names], labels, loc="center right", fontsize=8, frameon=False,
+                   title="solid: edm_sampling\ndashed: diffusers", title_fontsize=8)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (4.6 * count + 2.6), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _finite_positive(value: Any) -> bool:
+def _finite(value: Any) -> bool:
     try:
-        value = float(value)
+        return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-    return math.isfinite(value) and value > 0

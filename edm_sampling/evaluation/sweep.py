@@ -1,15 +1,27 @@
-"""The NFE sweep: every sampler at every target NFE on the same seeds, scored three ways.
+"""The NFE sweep: every sampler at every target NFE on the same seeds, scored four ways.
 
 1. ODE error. Each deterministic run is compared with a high-accuracy solution of the
    probability-flow ODE from the *same starting state* (the sampler's own first noise level
-   and its latents scaled the way it scales them): the closed-form solution where the model
-   has one (the built-in Gaussian), else Heun on a `reference_steps`-step EDM grid in float64,
-   whose own accuracy is estimated by halving its step count. The per-sample RMSE is
-   summarised by mean, median and 90th percentile (one sample that falls into another mode
-   of the data can dominate a mean). Stochastic samplers have no ODE reference.
-2. Frechet distance to the data (FID with `--inception PATH`, else FD on pooled pixels; see
-   `features.py`), with the reference statistics cached in an .npz.
-3. Wall time per sample and the model calls actually made.
+   and its latents scaled the way it scales them): the closed-form solution (gaussian) or a
+   reference integrator accurate to ~1e-7 (mixture, digits) where the model has one, else Heun on a
+   `reference_steps`-step EDM grid in float64 (256 steps: 511 model calls), whose own
+   accuracy is estimated by halving its step count. The per-sample RMSE is summarised by
+   mean, median and 90th percentile; the tables show the median, the typical sample's
+   accuracy, because a sample that ends in another mode (item 2) moves the mean by its whole
+   distance / num_samples. Stochastic samplers have no ODE reference.
+2. Mode mismatch, for models whose data has discrete modes (the mixture's components, the
+   digits' 1797 training images): the fraction of samples that end in another mode than their
+   reference. On the digits it is what tells samplers apart: the ideal denoiser of a finite
+   dataset snaps every sample onto a training image, so a sample's error is either ~0 (same
+   image as the reference: from NFE ~17 on the median is 0 for every sampler) or the
+   distance between two digits; the mean error is the mismatch fraction times that
+   distance. Their reference is the Dormand-Prince integrator too (~570 model calls,
+   <= 1e-7); Heun at 256 steps (511 calls) agrees with it to 2e-9, Heun at 128 steps
+   changes the training image of 1 sample in 64.
+3. Frechet distance to the data (FID with `--inception PATH`, else FD on pooled pixels; see
+   `features.py`), with the reference statistics cached in an .npz; beside it, the FD of as
+   many true data draws (mean +- std over a few draws), the score of a perfect sampler.
+4. Wall time per sample and the model calls actually made.
 
 Seeds are split into fixed chunks of `batch_size`; chunk k runs on process k mod P. Every
 sample draws its noise from its own generator seeded with its seed, so the numbers do not
@@ -21,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +43,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .samplers_registry import DEFAULT_NFE, SamplerSpec, resolve_samplers, run_sampler
+from .samplers_registry import DEFAULT_NFE, SamplerSpec, describe, resolve_samplers, run_sampler
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,7 +52,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 class SweepConfig:
     """Everything a sweep needs; `validate()` checks it all before any model is run."""
 
-    model: str = "gaussian"
+    model: str = "mixture"
     samplers: Sequence[str] | None = None
     nfe: Sequence[int] = DEFAULT_NFE
     num_samples: int = 256
@@ -57,6 +70,7 @@ class SweepConfig:
     grid_images: int = 64
     progress: bool = True
     quiet: bool = False
+    ode_errors: bool = True
     extra_specs: list = field(default_factory=list)
 
     def validate(self) -> list[SamplerSpec]:
@@ -112,8 +126,9 @@ def _latents_and_generators(seeds, shape, device, dtype):
 
 
 def reference_solution(model, latents, start_sigma, start_scale, steps, model_kwargs) -> torch.Tensor:
-    """The ODE solution at sigma = 0 from x = start_scale * latents at start_sigma: exact where
-    the model has a closed form, else Heun on a `steps`-step EDM grid in float64."""
+    """The ODE solution at sigma = 0 from x = start_scale * latents at start_sigma: the model's
+    own (closed form or reference integrator) where it has one, else Heun on a `steps`-step
+    EDM grid in float64."""
     from ..samplers import sample
     from ..schedules import karras_sigmas
 
@@ -126,6 +141,38 @@ def reference_solution(model, latents, start_sigma, start_scale, steps, model_kw
         out = sample(model.denoiser, x0 / start_sigma, sigmas, solver="heun", state_dtype=torch.float64,
                      model_kwargs=model_kwargs, round_sigma=getattr(model.denoiser, "round_sigma", None))
     return out.sample.to(torch.float64)
+
+
+START_TOLERANCE = 1e-7
+
+
+def _same_start(references: dict, key: tuple) -> tuple:
+    """The key of a reference already computed from the same start (same chunk, sigma and
+    scale within START_TOLERANCE relative: float32 and float64 copies of one level, as
+    diffusers' schedulers keep them), else `key`. A relative start difference d moves the
+    solution at sigma = 0 by about d sqrt(lam_max) (x_0 = scale z shrinks by sqrt(lam) / sigma
+    along the ODE): at most 5e-8 RMS on the built-in data, below the reference's own error."""
+    for other in references:
+        if other[0] == key[0] and all(abs(a - b) <= START_TOLERANCE * abs(b) for a, b in zip(key[1:], other[1:])):
+            return other
+    return key
+
+
+def _modes(model, sample: torch.Tensor) -> torch.Tensor | None:
+    """The mode of each sample (model.assign), on the CPU; None for models without modes."""
+    if model.assign is None:
+        return None
+    with torch.no_grad():
+        return model.assign(sample.to(_param_device(model), torch.float64)).cpu()
+
+
+def _reference_check(model, latents, start_sigma, start_scale, steps, model_kwargs, reference) -> dict:
+    """How far the Heun reference is from its own half-step solution: its error is about a
+    third of that where Heun is in its second-order regime."""
+    coarse = reference_solution(model, latents, start_sigma, start_scale, steps // 2, model_kwargs)
+    diff = metrics.per_sample_rmse(coarse, reference)
+    return {"steps": steps, "half_steps_rmse_median": float(np.median(diff)), "half_steps_rmse_max": float(diff.max()),
+            "estimated_error": float(diff.max()) / 3.0}
 
 
 def _distributed():
@@ -199,9 +246,54 @@ def reference_statistics(config: SweepConfig, model, features, image_shape) -> t
     return mu, sigma, {"source": description, "cache": str(path), "loaded_from_cache": cached}
 
 
-def run_sweep(config: SweepConfig) -> dict[str, Any]:
-    """Run the sweep; on the main process returns {"rows", "meta", "samples"} and writes the
-    outputs when `config.output` is set; other processes return {}."""
+def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model, skipped: list[str], fd_available: bool) -> list[str]:
+    """One line for each option that does nothing or does less than asked, so nothing is silent."""
+    notes = []
+    if skipped:
+        notes.append(f"skipped {', '.join(skipped)}: they run diffusers' scheduler loop on a discrete VP (DDPM-family) "
+                     f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only)")
+    if config.prompt and "prompt" not in model.info:
+        notes.append(f"--prompt ignored: {config.model} is not a text-to-image model")
+    if not fd_available:
+        notes.append("Frechet distance skipped: a --model folder has no reference data; give --reference "
+                     "(a folder of images or an .npz with mu and sigma)")
+    if config.reference_steps == 0 and config.ode_errors:
+        notes.append("ODE error skipped: --reference-steps 0")
+    elif model.exact_solution is not None and config.reference_steps != SweepConfig.reference_steps:
+        notes.append(f"--reference-steps {config.reference_steps} ignored: {config.model} has an exact reference "
+                     f"({model.ode_reference})")
+    for nfe in nfes:
+        short = [f"{s.name} ({s.nfe_for_steps(s.steps_for_nfe(nfe))})" for s in specs
+                 if s.nfe_for_steps(s.steps_for_nfe(nfe)) != nfe]
+        if short:
+            notes.append(f"NFE {nfe}: these samplers cannot make exactly {nfe} calls and make the largest count below it "
+                         f"(Heun-type: 2N - 1 calls for N steps): {', '.join(short)}")
+    return notes
+
+
+def run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
+    """Run the sweep; on the main process returns {"rows", "meta", "samples", "features",
+    "reference_statistics"} and writes the outputs when `config.output` is set; other
+    processes return {}. `model`: an already loaded `BenchModel` for config.model (else it is
+    loaded here). The built-in models run on one CPU thread (restored afterwards): their
+    tensors are too small for threads to pay off, and threads stall when the CPU is shared;
+    use several processes (torchrun) to use more cores."""
+    threads = torch.get_num_threads()
+    if str(config.model) in _builtin_models():
+        torch.set_num_threads(1)
+    try:
+        return _run_sweep(config, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _builtin_models() -> tuple[str, ...]:
+    from .models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS
+
+
+def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
     wall_start = time.perf_counter()
     specs = config.validate()
     rank, world, device, gather, barrier = _distributed()
@@ -209,52 +301,62 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     from .models import load_model
 
     dtype = DTYPES[config.dtype]
-    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device, dtype=dtype)
+    if model is None:
+        model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device, dtype=dtype)
     model.to(device)
+    skipped = []
     if model.unet is None and not config.samplers:
-        specs = [s for s in specs if s.family != "diffusers"]  # default list: only ours apply (VE / EDM models)
-    if any(s.family == "diffusers" for s in specs) and model.unet is None:
-        names = [s.name for s in specs if s.family == "diffusers"]
+        skipped = [s.name for s in specs if s.runner == "scheduler"]
+        specs = [s for s in specs if s.runner != "scheduler"]  # default list: only the core applies (VE / EDM models)
+    if any(s.runner == "scheduler" for s in specs) and model.unet is None:
+        names = [s.name for s in specs if s.runner == "scheduler"]
         raise ValueError(f"--samplers: {names} need a discrete VP (DDPM-family) model; {config.model} is not one")
 
     chunks = _chunks(config.num_samples, config.batch_size, config.seed)
     mine = [k for k in range(len(chunks)) if k % world == rank]
     nfes = sorted(dict.fromkeys(int(n) for n in config.nfe))
-    do_errors = config.reference_steps > 0
+    fd_available = config.reference is not None or model.reference_images is not None
+    notes = _notes(config, specs, nfes, model, skipped, fd_available)
+    if rank == 0 and not config.quiet:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    do_errors = config.ode_errors and config.reference_steps > 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(specs) * len(nfes) * len(mine), disable=not config.progress or rank != 0, desc="bench", unit="batch")
+    my_samples = sum(len(chunks[k]) for k in mine)
+    bar = tqdm(total=len(specs) * len(nfes) * my_samples, disable=not config.progress or rank != 0, desc="bench",
+               unit="sample", unit_scale=False)
     records = []
-    references: dict[tuple, torch.Tensor] = {}
+    references: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
     ref_check = None
     for spec in specs:
         for nfe in nfes:
             steps = spec.steps_for_nfe(nfe)
-            done = 0
             for k in mine:
                 seeds = chunks[k]
-                bar.set_postfix_str(f"{spec.name} NFE {nfe} samples {done}/{len(seeds) * len(mine)}")
+                bar.set_postfix_str(f"{spec.name} NFE {nfe}")
                 latents, gens = _latents_and_generators(seeds, model.sample_shape, device, dtype)
                 kwargs = model.class_labels(seeds, device)
                 out = run_sampler(spec, model, latents, steps, gens, kwargs)
-                errors = None
+                errors = mismatch = None
                 if do_errors and not spec.stochastic:
-                    key = (k, round(out.start_sigma, 5), round(out.start_scale, 5))
+                    key = _same_start(references, (k, out.start_sigma, out.start_scale))
                     if key not in references:
-                        references[key] = reference_solution(model, latents, out.start_sigma, out.start_scale,
-                                                             config.reference_steps, kwargs)
+                        bar.set_postfix_str(f"{spec.name} NFE {nfe}: reference ODE solution")
+                        reference = reference_solution(model, latents, out.start_sigma, out.start_scale,
+                                                       config.reference_steps, kwargs)
+                        references[key] = (reference, _modes(model, reference))
                         if ref_check is None and model.exact_solution is None:
-                            coarse = reference_solution(model, latents, out.start_sigma, out.start_scale,
-                                                        config.reference_steps // 2, kwargs)
-                            diff = metrics.per_sample_rmse(coarse, references[key])
-                            ref_check = {"steps": config.reference_steps, "half_steps_rmse_median": float(np.median(diff)),
-                                         "half_steps_rmse_max": float(diff.max()),
-                                         "estimated_error": float(diff.max()) / 3.0}
-                    errors = metrics.per_sample_rmse(out.sample, references[key])
+                            ref_check = _reference_check(model, latents, out.start_sigma, out.start_scale,
+                                                         config.reference_steps, kwargs, reference)
+                    reference, reference_modes = references[key]
+                    errors = metrics.per_sample_rmse(out.sample, reference)
+                    if reference_modes is not None:
+                        mismatch = (_modes(model, out.sample) != reference_modes).numpy()
                 records.append({"sampler": spec.name, "nfe_target": nfe, "chunk": k, "steps": out.steps, "nfe": out.nfe,
-                                "seconds": out.seconds, "errors": errors, "sample": out.sample.detach().float().cpu()})
-                done += len(seeds)
-                bar.update(1)
+                                "seconds": out.seconds, "errors": errors, "mismatch": mismatch,
+                                "sample": out.sample.detach().float().cpu()})
+                bar.update(len(seeds))
     bar.close()
     records = gather(records)
     checks = gather([ref_check])
@@ -263,10 +365,11 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
         return {}
     ref_check = next((c for c in checks if c is not None), None)
     result = _assemble(config, specs, nfes, model, features, records, ref_check)
+    result["meta"]["notes"] = notes
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
     if config.output is not None:
-        write_outputs(config, result)
+        write_outputs(config, result, model)
     barrier()
     return result
 
@@ -278,42 +381,48 @@ def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[
     first = next(iter(by_run.values()))
     image_shape = tuple(model.to_image(first[0]["sample"][:1].to(_param_device(model))).shape[1:])
     stats = reference_statistics(config, model, features, image_shape)
-    rows, samples = [], {}
+    reference = None if stats is None else metrics.FrechetReference(stats[0], stats[1])
+    rows, samples, sample_features = [], {}, {}
     for spec in specs:
         for nfe in nfes:
             parts = sorted(by_run[(spec.name, nfe)], key=lambda r: r["chunk"])
             sample = torch.cat([p["sample"] for p in parts])
             measured = sorted({p["nfe"] for p in parts})
-            row = {"sampler": spec.name, "family": spec.family, "steps": parts[0]["steps"], "nfe_target": nfe,
-                   "nfe": measured[-1], "num_samples": int(sample.shape[0]),
+            row = {"sampler": spec.name, "family": spec.family, "stochastic": spec.stochastic, "steps": parts[0]["steps"],
+                   "nfe_target": nfe, "nfe": measured[-1], "num_samples": int(sample.shape[0]),
                    "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0]}
             if any(p["errors"] is not None for p in parts):
                 row.update(metrics.summarize_errors(np.concatenate([p["errors"] for p in parts])))
             else:
                 row.update(metrics.summarize_errors(np.array([])))
+            has_modes = any(p["mismatch"] is not None for p in parts)
+            row["mode_mismatch"] = float(np.concatenate([p["mismatch"] for p in parts]).mean()) if has_modes else math.nan
             images = _to_images(model, sample)
             row["fd"] = math.nan
-            if stats is not None:
-                feats = features(images).numpy()
-                row["fd"] = metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1])
+            if reference is not None:
+                feats = sample_features[(spec.name, nfe)] = features(images).numpy()
+                row["fd"] = reference.distance_of_features(feats)
             rows.append(row)
             samples[(spec.name, nfe)] = images
+    exact = model.exact_solution is not None
     meta = {
         "model": config.model,
         "model_info": model.info,
-        "samplers": {s.name: {"family": s.family, "description": s.description} for s in specs},
+        "samplers": {s.name: {"family": s.family, "description": describe(s), "runner": s.runner} for s in specs},
         "features": features.name,
         "feature_info": features.describe(image_shape),
         "reference_statistics": None if stats is None else stats[2],
-        "ode_reference": "exact closed form" if model.exact_solution is not None
-        else (f"Heun, {config.reference_steps} steps, float64" if config.reference_steps else "none"),
+        "ode_reference": "none" if not (config.ode_errors and config.reference_steps)
+        else (model.ode_reference if exact else f"Heun, {config.reference_steps} steps ({2 * config.reference_steps - 1} NFE), float64"),
         "ode_reference_check": ref_check,
+        "has_modes": model.assign is not None,
         "config": {k: v for k, v in asdict(config).items() if k != "extra_specs"},
         "versions": _versions(),
     }
-    if stats is not None and model.reference_images is not None and config.reference is None:
-        meta["fd_floor"] = _fd_floor(model, features, stats, config.num_samples)
-    return {"rows": rows, "meta": meta, "samples": samples}
+    if reference is not None and model.data_draws is not None and config.reference is None:
+        meta["fd_floor"] = _fd_floor(model, features, reference, config.num_samples)
+    return {"rows": rows, "meta": meta, "samples": samples, "features": sample_features,
+            "reference_statistics": None if stats is None else stats[:2]}
 
 
 def _param_device(model) -> torch.device:
@@ -330,12 +439,19 @@ def _to_images(model, sample: torch.Tensor) -> torch.Tensor:
         return torch.cat([model.to_image(sample[i : i + 64].to(device)).float().cpu() for i in range(0, len(sample), 64)])
 
 
-def _fd_floor(model, features, stats, n: int) -> dict:
-    """FD of n true data samples: what a perfect sampler would score with this many samples."""
-    data = model.reference_images()
-    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[: min(n, len(data))]
-    feats = features(data[index]).numpy()
-    return {"num_samples": int(len(index)), "fd": metrics.frechet_distance(*metrics.feature_statistics(feats), stats[0], stats[1])}
+FD_FLOOR_DRAWS = 5
+
+
+def _fd_floor(model, features, reference: metrics.FrechetReference, n: int, draws: int = FD_FLOOR_DRAWS) -> dict:
+    """FD of n true data images against the reference statistics, mean and std over `draws`
+    draws: what a perfect sampler scores with n samples, and how much that moves by chance.
+    Samplers within about one std of it are indistinguishable from the data by this metric."""
+    values = []
+    for draw in range(draws):
+        feats = features(model.data_draws(n, draw)).numpy()
+        values.append(reference.distance_of_features(feats))
+    return {"num_samples": int(len(feats)), "draws": draws, "fd_mean": float(np.mean(values)),
+            "fd_std": float(np.std(values, ddof=1)), "fd_values": values}
 
 
 def _versions() -> dict:
@@ -347,21 +463,54 @@ def _versions() -> dict:
             "python": platform.python_version(), "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
 
 
-def write_outputs(config: SweepConfig, result: dict[str, Any]) -> Path:
-    """results.csv, results.json, quality_vs_nfe.png and grids/<sampler>_nfe<N>.png in config.output."""
-    from ..images import save_image_grid
+def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Path:
+    """results.csv, results.json, quality_vs_nfe.png and grids/<sampler>_nfe<N>.png (each
+    titled, beside a grid of true data where the model can draw it) in config.output."""
+    from ..images import save_titled_grids
     from .report import COLUMNS, plot_quality_vs_nfe, prepare_output_dir, write_csv, write_json
 
     out = prepare_output_dir(config.output, config.overwrite)
-    rows = result["rows"]
+    rows, meta = result["rows"], result["meta"]
     write_csv(rows, out / "results.csv", COLUMNS)
-    write_json({"rows": rows, "meta": result["meta"]}, out / "results.json")
-    plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs NFE")
+    write_json({"rows": rows, "meta": meta}, out / "results.json")
+    plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
+                        f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
     if config.grid_images:
         (out / "grids").mkdir(exist_ok=True)
+        channels = next(iter(result["samples"].values())).shape[1]
+        truth = _true_images(config, model, config.grid_images, channels)
+        lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
         for (name, nfe), images in result["samples"].items():
-            save_image_grid(images[: config.grid_images], out / "grids" / f"{_safe(name)}_nfe{nfe}.png")
+            row = lookup[(name, nfe)]
+            shown = min(config.grid_images, len(images))
+            panels = [(f"{name}: {shown} of {len(images)} samples", images[:shown])]
+            if truth is not None:
+                panels.append((f"true data: {len(truth)} draws", truth))
+            save_titled_grids(panels, out / "grids" / f"{_safe(name)}_nfe{nfe}.png", title=_grid_title(row),
+                              max_images=config.grid_images)
     return out
+
+
+def _true_images(config: SweepConfig, model, n: int, channels: int) -> torch.Tensor | None:
+    """n data images to show beside the samples: draws of a built-in model, or the first of a
+    --reference image folder; None when neither exists."""
+    if config.reference is not None and not config.reference.endswith(".npz"):
+        return _load_reference_images(Path(config.reference), channels)[:n]
+    if model is not None and model.data_draws is not None:
+        return model.data_draws(n, 0)
+    return None
+
+
+def _grid_title(row: dict) -> str:
+    """'<sampler> at NFE n (target t): mean RMSE ..., mode mismatch ...%, FD ...' from a result row."""
+    parts = [f"{row['sampler']} at {row['nfe']} model calls" + (f" (target {row['nfe_target']})" if row["nfe"] != row["nfe_target"] else "")]
+    if math.isfinite(row["error_median"]):
+        parts.append(f"median RMSE to ODE solution {row['error_median']:.3g}")
+    if math.isfinite(row.get("mode_mismatch", math.nan)):
+        parts.append(f"other mode {100 * row['mode_mismatch']:.1f}%")
+    if math.isfinite(row["fd"]):
+        parts.append(f"FD {row['fd']:.3g}")
+    return ", ".join(parts)
 
 
 def _safe(name: str) -> str:

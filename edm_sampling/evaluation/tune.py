@@ -1,6 +1,19 @@
 """`edm-sampling tune`: grid search of the churn parameters at one NFE (the paper's Figure 4 /
 Table 5 procedure: the best S_churn, S_tmin, S_tmax, S_noise are model-specific and found by
-search, scoring each setting by the Frechet distance of its samples to the data)."""
+search, scoring each setting by the Frechet distance of its samples to the data).
+
+Two things keep the search honest:
+
+- Duplicates are run once. Churn acts only through the per-step gamma_i = min(S_churn / N,
+  sqrt(2) - 1) on the grid levels in [S_tmin, S_tmax]: S_churn values past the cap, and
+  S_tmin / S_tmax values that include the same grid levels, give the same sampler. Settings
+  are grouped by their sigma_hat list on the NFE's grid (and S_noise, where any churn acts);
+  each group runs once and lists the settings it stands for.
+- The FD's noise is reported: a bootstrap over the samples gives each setting's FD std, and
+  resampling the same seeds for every setting (the runs share their noise seeds) gives the std
+  of its FD difference to the deterministic sampler. A win smaller than about two of those
+  is noise.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +21,15 @@ import itertools
 import math
 from typing import Any, Sequence
 
-from .samplers_registry import SAMPLERS, with_churn
+import numpy as np
+
+from .samplers_registry import SAMPLERS, ours_names, with_churn
+
+Setting = tuple[float, float, float, float]
+DETERMINISTIC: Setting = (0.0, 0.0, math.inf, 1.0)
 
 
-def churn_grid(
-    s_churn: Sequence[float], s_tmin: Sequence[float], s_tmax: Sequence[float], s_noise: Sequence[float]
-) -> list[tuple[float, float, float, float]]:
+def churn_grid(s_churn: Sequence[float], s_tmin: Sequence[float], s_tmax: Sequence[float], s_noise: Sequence[float]) -> list[Setting]:
     """All combinations; S_churn = 0 (deterministic, where the others do nothing) appears once."""
     for name, values in (("--s-churn", s_churn), ("--s-tmin", s_tmin), ("--s-tmax", s_tmax), ("--s-noise", s_noise)):
         if not values:
@@ -22,7 +38,7 @@ def churn_grid(
             raise ValueError(f"{name}: values must be >= 0, got {list(values)}")
     if any(v <= 0 for v in s_noise):
         raise ValueError(f"--s-noise: values must be > 0, got {list(s_noise)}")
-    grid = [(0.0, 0.0, math.inf, 1.0)]
+    grid = [DETERMINISTIC]
     for churn, tmin, tmax, noise in itertools.product(s_churn, s_tmin, s_tmax, s_noise):
         if churn == 0:
             continue
@@ -32,63 +48,127 @@ def churn_grid(
     return list(dict.fromkeys(grid))
 
 
-def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.01, 0.05), s_tmax=(1, 50),
-             s_noise=(1.0, 1.007)) -> dict[str, Any]:
-    """Run every churn setting of `base` at config.nfe[0] on the same seeds; returns
-    {"grid": rows sorted by FD, "best": row, "deterministic_fd": float} on the main process."""
-    from .report import write_csv, write_json
-    from .sweep import run_sweep
+def distinct_settings(grid: Sequence[Setting], sigmas, round_sigma=None, sigma_max: float = math.inf) -> dict[Setting, list[Setting]]:
+    """Group the settings that give the same sampler on the grid `sigmas`: the same sigma_hat
+    at every step (`samplers.churned_grid`) and, where any step is churned, the same S_noise.
+    Returns {the setting that runs: every setting it stands for}, in grid order."""
+    from ..samplers import churned_grid
 
-    if base not in SAMPLERS or SAMPLERS[base].family != "edm_sampling":
-        raise ValueError(f"--sampler: tune works on our samplers {[n for n, s in SAMPLERS.items() if s.family == 'edm_sampling']}, got {base!r}")
+    round_sigma = round_sigma or (lambda s: s)
+    groups: dict[tuple, list[Setting]] = {}
+    for setting in grid:
+        churn, tmin, tmax, noise = setting
+        levels, hats = churned_grid(sigmas, round_sigma, churn, tmin, tmax, sigma_max)
+        churned = any(h > float(s) for h, s in zip(hats, levels))
+        key = (tuple(round(h, 12) for h in hats), noise if churned else None)
+        groups.setdefault(key, []).append(setting)
+    return {members[0]: members for members in groups.values()}
+
+
+def bootstrap_fd(features: dict[Setting, np.ndarray], mu: np.ndarray, sigma: np.ndarray, resamples: int,
+                 seed: int = 0) -> tuple[dict[Setting, float], dict[Setting, float]]:
+    """Bootstrap std of each setting's FD, and of its FD minus the deterministic setting's,
+    resampling the same sample indices for every setting (they share their noise seeds)."""
+    from .metrics import FrechetReference
+
+    reference = FrechetReference(mu, sigma)
+    n = len(next(iter(features.values())))
+    rng = np.random.default_rng(seed)
+    draws: dict[Setting, list[float]] = {s: [] for s in features}
+    for _ in range(resamples):
+        index = rng.integers(0, n, n)
+        for setting, feats in features.items():
+            draws[setting].append(reference.distance_of_features(feats[index]))
+    base = np.array(draws[DETERMINISTIC])
+    std = {s: float(np.std(v, ddof=1)) for s, v in draws.items()}
+    diff_std = {s: float(np.std(np.array(v) - base, ddof=1)) for s, v in draws.items()}
+    return std, diff_std
+
+
+def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.01, 0.05), s_tmax=(1, 50),
+             s_noise=(1.0, 1.007), bootstrap: int = 200) -> dict[str, Any]:
+    """Run every distinct churn setting of `base` at config.nfe[0] on the same seeds; returns
+    {"grid": rows sorted by FD, "best": row, "deterministic_fd", "duplicates", "meta"} on the
+    main process (rows carry fd_std and fd_delta_std from `bootstrap` resamples)."""
+    from ..solvers import solver_info
+    from .models import load_model
+    from .samplers_registry import core_sigmas
+    from .report import write_csv, write_json
+    from .sweep import DTYPES, run_sweep
+
+    churn_capable = [n for n in ours_names() if solver_info(SAMPLERS[n].solver).churn]
+    if base not in churn_capable:
+        raise ValueError(f"--sampler: churn applies to {churn_capable} (Euler and Heun), got {base!r}")
     if len(list(config.nfe)) != 1:
         raise ValueError("--nfe: tune takes a single NFE")
+    if bootstrap < 0 or bootstrap == 1:
+        raise ValueError(f"--bootstrap must be 0 (none) or >= 2, got {bootstrap}")
     grid = churn_grid(s_churn, s_tmin, s_tmax, s_noise)
-    specs = [with_churn(SAMPLERS[base], *setting) for setting in grid]
-    config.samplers = []
-    config.extra_specs = specs
-    config.reference_steps = 0
-    result = run_sweep(config)
+    config.samplers, config.ode_errors = [], False  # scored by FD only
+    config.extra_specs = [SAMPLERS[base]]
+    config.validate()  # every bad option fails here, before the model is loaded
+    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])
+    spec = SAMPLERS[base]
+    steps = spec.steps_for_nfe(int(config.nfe[0]))
+    sigmas = core_sigmas(spec, steps, model.sigma_min, model.sigma_max)
+    groups = distinct_settings(grid, sigmas, getattr(model.denoiser, "round_sigma", None),
+                               getattr(model.denoiser, "sigma_max", math.inf))
+    config.extra_specs = [with_churn(spec, *setting) for setting in groups]
+    result = run_sweep(config, model=model)
     if not result:
         return {}
-    rows = []
-    for setting, row in zip(grid, result["rows"]):
-        rows.append({"s_churn": setting[0], "s_tmin": setting[1], "s_tmax": setting[2], "s_noise": setting[3], **row})
-    if all(math.isnan(r["fd"]) for r in rows):
+    if all(math.isnan(r["fd"]) for r in result["rows"]):
         raise ValueError("tune needs reference data for the Frechet distance: give --reference for a --model folder")
+    features = {setting: result["features"][(row["sampler"], row["nfe_target"])] for setting, row in zip(groups, result["rows"])}
+    std = diff_std = {}
+    if bootstrap:
+        std, diff_std = bootstrap_fd(features, *result["reference_statistics"], resamples=bootstrap)
+    deterministic = result["rows"][0]["fd"]
+    rows = []
+    for (setting, members), row in zip(groups.items(), result["rows"]):
+        rows.append({"s_churn": setting[0], "s_tmin": setting[1], "s_tmax": setting[2], "s_noise": setting[3], **row,
+                     "fd_std": std.get(setting, math.nan), "fd_delta": row["fd"] - deterministic,
+                     "fd_delta_std": diff_std.get(setting, math.nan) if setting != DETERMINISTIC else math.nan,
+                     "same_as": [list(m) for m in members[1:]]})
     ranked = sorted(rows, key=lambda r: (math.isnan(r["fd"]), r["fd"]))
-    deterministic = next(r["fd"] for r in rows if r["s_churn"] == 0)
-    out = {"grid": ranked, "best": ranked[0], "deterministic_fd": deterministic, "meta": result["meta"]}
+    out = {"grid": ranked, "best": ranked[0], "deterministic_fd": deterministic, "tested": len(grid),
+           "run": len(groups), "meta": result["meta"]}
     if config.output is not None:
         from pathlib import Path
 
         folder = Path(config.output)
-        write_csv(ranked, folder / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "sec_per_sample", "num_samples", "sampler"])
-        write_json({"best": ranked[0], "deterministic_fd": deterministic, "grid": ranked, "meta": result["meta"]}, folder / "tune.json")
+        write_csv(ranked, folder / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std", "fd_delta",
+                                                 "fd_delta_std", "sec_per_sample", "num_samples", "same_as", "sampler"])
+        write_json({key: value for key, value in out.items() if key != "meta"} | {"meta": result["meta"]}, folder / "tune.json")
         plot_tune(rows, folder / "tune.png")
     return out
 
 
 def plot_tune(rows: list[dict], path) -> None:
-    """FD against S_churn, one line per (S_tmin, S_tmax, S_noise); the deterministic FD dashed."""
+    """FD against S_churn with bootstrap error bars, one line per (S_tmin, S_tmax, S_noise);
+    the deterministic FD dashed with its noise band."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(6.4, 4.8))
-    deterministic = next(r["fd"] for r in rows if r["s_churn"] == 0)
+    fig, axis = plt.subplots(figsize=(7.4, 4.8))
+    deterministic = next(r for r in rows if r["s_churn"] == 0)
     groups: dict[tuple, list] = {}
     for r in rows:
         if r["s_churn"] > 0:
-            groups.setdefault((r["s_tmin"], r["s_tmax"], r["s_noise"]), []).append((r["s_churn"], r["fd"]))
+            groups.setdefault((r["s_tmin"], r["s_tmax"], r["s_noise"]), []).append((r["s_churn"], r["fd"], r["fd_std"]))
     for (tmin, tmax, noise), points in groups.items():
-        x, y = zip(*sorted([(0.0, deterministic)] + points))
-        axis.plot(x, y, marker="o", markersize=4, label=f"S_tmin={tmin:g} S_tmax={tmax:g} S_noise={noise:g}")
-    axis.axhline(deterministic, color="k", linestyle="--", linewidth=1, label="deterministic (S_churn=0)")
-    axis.set_xlabel("S_churn")
-    axis.set_ylabel("Frechet distance")
-    axis.set_title(f"churn grid at NFE {rows[0]['nfe']}")
+        x, y, err = zip(*sorted(points))
+        axis.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker="o", markersize=4, capsize=3,
+                      label=f"S_tmin={tmin:g} S_tmax={tmax:g} S_noise={noise:g}")
+    fd, std = deterministic["fd"], deterministic["fd_std"]
+    axis.axhline(fd, color="k", linestyle="--", linewidth=1, label="deterministic (S_churn=0)")
+    if math.isfinite(std):
+        axis.axhspan(fd - std, fd + std, color="0.7", alpha=0.4, label="deterministic +- 1 bootstrap std")
+    axis.set_xlabel("S_churn (settings that repeat another's per-step churn are run once)")
+    axis.set_ylabel("Frechet distance (lower is better)")
+    axis.set_title(f"churn grid at NFE {rows[0]['nfe']}, {rows[0]['num_samples']} samples")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()

@@ -1,0 +1,66 @@
+"""The `edm-sampling` command line: help that matches what runs, one spelling of the output
+option (with its alias), and a one-line note for every option that does nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from edm_sampling.cli import build_parser, main
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_lists_only_commands_that_exist(capsys):
+    text = _help(capsys)
+    assert "demo" not in text
+    for command in ("bench", "tune", "train"):
+        assert command in text
+    parser = build_parser()
+    assert set(parser._subparsers._group_actions[0].choices) == {"bench", "tune", "train"}
+
+
+def test_help_states_the_defaults_that_run(capsys):
+    bench_help, tune_help = _help(capsys, "bench"), _help(capsys, "tune")
+    assert "(default 256)" in bench_help and "(default 512)" in tune_help
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).num_samples == 256
+    assert parser.parse_args(["tune"]).num_samples == 512
+    assert parser.parse_args(["bench"]).model == "mixture"
+    assert "--output-dir" in bench_help and "--output-dir" in tune_help
+
+
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_output_dir_and_its_alias(command):
+    parser = build_parser()
+    assert parser.parse_args([command, "--output-dir", "a"]).output == "a"
+    assert parser.parse_args([command, "--output", "b"]).output == "b"
+
+
+def test_options_that_do_nothing_say_so(tmp_path, capsys):
+    code = main(["bench", "--model", "gaussian", "--prompt", "a cat", "--samplers", "edm-heun,edm-euler", "--nfe", "4",
+                 "--num-samples", "4", "--output-dir", str(tmp_path / "out"), "--stats-cache", str(tmp_path / "cache"),
+                 "--no-progress", "--grid-images", "0"])
+    assert code == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert any("--prompt ignored: gaussian is not a text-to-image model" in n for n in notes)
+    assert any(n.startswith("note: NFE 4:") and "edm-heun (3)" in n and "edm-euler" not in n for n in notes)
+    assert len(notes) == 2
+
+
+def test_fd_skipped_without_reference_data_is_said(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tiny_models import tiny_unet2d
+
+    from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
+
+    path = tmp_path / "tiny-ddpm"
+    DDPMPipeline(unet=tiny_unet2d(in_channels=1), scheduler=DDPMScheduler()).save_pretrained(path)
+    result = run_sweep(SweepConfig(model=str(path), samplers=["edm-euler"], nfe=[2], num_samples=2, reference_steps=4,
+                                   progress=False, quiet=True))
+    assert any(note.startswith("Frechet distance skipped") and "--reference" in note for note in result["meta"]["notes"])

@@ -495,7 +495,7 @@ EDM_SCHEDULER_KEYS = (
     "solver", "sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise", "model_family",
     "timestep_mapping", "sigma_data", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
     "trained_betas", "prediction_type", "shift", "use_dynamic_shifting", "time_shift_type",
-    "solver_order", "afs", "schedule", "schedule_file",
+    "solver_order", "afs", "schedule", "schedule_file", "final_step",
 )
 # keys that only diffusers' pipelines read (to compute mu): carried along, never interpreted here
 FLOW_PIPELINE_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")

@@ -82,6 +82,7 @@ from .schedules import (
     sigma_grid,
 )
 from .solvers import (
+    FINAL_STEPS,
     SOLVERS,
     Combination,
     SolverPlan,
@@ -190,6 +191,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             default (heun: karras with `rho`; flow models: their own shifted time-uniform grid).
         schedule_file: a JSON grid file written by `edm-sampling tune --schedule` (instead of
             `schedule`); it must hold a grid of the step count asked for.
+        final_step: the step to sigma = 0 of dpmpp_2m / dpmpp_3m / unipc: "extrapolate" (their
+            default: the denoised trajectory extrapolated to sigma = 0 in sigma^2,
+            `solvers.final_denoised`) or "denoise" (x = D at the last call, the published rule).
         sigma_min, sigma_max, rho: the grid's range, clamped to the model's (discrete VP: the
             noise levels of its alphas_cumprod), and the karras grid's rho.
         s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's churn (heun and euler only); s_tmax
@@ -242,6 +246,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         afs: bool = False,
         schedule: str | None = None,
         schedule_file: str | None = None,
+        final_step: str | None = None,
     ):
         info = solver_info(solver)
         model_family = LEGACY_FAMILY_NAMES.get(model_family, model_family)
@@ -267,6 +272,11 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(afs, bool) or (afs and not info.afs):
             raise ValueError(f"afs must be True or False, and True only for the solvers "
                              f"{[n for n, i in SOLVERS.items() if i.afs]}; got afs={afs!r} with solver {solver!r}")
+        if final_step is not None and ("final_step" not in (info.plan.__kwdefaults__ or {})
+                                       or final_step not in FINAL_STEPS):
+            takers = [n for n, i in SOLVERS.items() if "final_step" in (i.plan.__kwdefaults__ or {})]
+            raise ValueError(f"final_step must be None or one of {FINAL_STEPS}, and is an option of the solvers "
+                             f"{takers} only; got final_step={final_step!r} with solver {solver!r}")
         if schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES} or None (the solver's default), got {schedule!r}")
         if schedule is not None and schedule_file is not None:
@@ -435,6 +445,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             options["order"] = self.config.solver_order
         if afs:
             options["afs"] = True
+        if self.config.final_step is not None:
+            options["final_step"] = self.config.final_step
         if info.churn:
             options.update(sigma_hats=list(hats), s_noise=self.config.s_noise)
         return make_plan(self.config.solver, grid, **options)

@@ -367,6 +367,46 @@ def deis_plan(
     return _variable_ab_plan("deis", levels, order, afs, tau)
 
 
+# --- the step to sigma = 0 ---------------------------------------------------------------------------
+
+FINAL_STEPS = ("denoise", "extrapolate")
+
+
+def final_denoised(denoised: Sequence[float], sigmas: Sequence[float]) -> float:
+    """The sample at sigma = 0 from the last model calls, D at sigmas[k] = sigma_{i-k}.
+
+    One D: x = D_i, every data-prediction solver's final step (h = inf reduces each order to
+    it). Two: Richardson extrapolation of the denoised trajectory in sigma^2,
+
+        x = D_i + sigma_i^2 / (sigma_{i-1}^2 - sigma_i^2) (D_i - D_{i-1}).
+
+    Why: along a probability-flow trajectory of a smooth data density, dx/dsigma =
+    -sigma grad log p_sigma(x), so x(sigma) = x(0) + O(sigma^2), and D = x + sigma^2 grad log
+    p_sigma(x) = x(0) + O(sigma^2). So x = D_i leaves an O(sigma_min^2) error that no number of
+    steps removes (a discrete model cannot be called below its smallest trained sigma), and the
+    extrapolation cancels that term. Where the data are concentrated far below sigma (point
+    masses, the ideal denoiser of a finite dataset), D is constant along the trajectory and the
+    extrapolation leaves it unchanged."""
+    if len(denoised) == 1:
+        return denoised[0]
+    weight = sigmas[0] ** 2 / (sigmas[1] ** 2 - sigmas[0] ** 2)
+    return denoised[0] + weight * (denoised[0] - denoised[1])
+
+
+def _check_final_step(final_step: str) -> None:
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+
+
+def _final_update(levels: tuple[float, ...], i: int, afs: bool, final_step: str) -> Combination:
+    """The update of step i to sigma = 0: `final_denoised` of D_i alone ("denoise", and where
+    there is no earlier model call: the first step, or the step after an analytical first step)
+    or of D_i and D_{i-1} ("extrapolate")."""
+    n = 2 if final_step == "extrapolate" and i >= (2 if afs else 1) else 1
+    history = levels[i::-1][:n]
+    return _combination(lambda x, *d: final_denoised(d, history), 1, n)
+
+
 # --- DPM-Solver++ multistep (data prediction, lambda = -log sigma) ----------------------------------
 
 
@@ -405,14 +445,19 @@ def dpmpp_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], s
     return result + phi_2 * d1 - phi_3 * d2
 
 
-def _dpmpp_plan(solver: str, sigmas: Sequence[float] | torch.Tensor, order: int, afs: bool, lower_order_final: bool) -> SolverPlan:
+def _dpmpp_plan(
+    solver: str, sigmas: Sequence[float] | torch.Tensor, order: int, afs: bool, lower_order_final: bool, final_step: str
+) -> SolverPlan:
     levels = _levels(sigmas)
     _check_afs(afs, levels)
     _check_lower_order_final(lower_order_final)
+    _check_final_step(final_step)
     orders = _step_orders(len(levels) - 1, order, lower_order_final)
 
     def update(i: int) -> tuple[Combination, ...]:
-        n = 1 if levels[i + 1] == 0 else orders[i]
+        if levels[i + 1] == 0:
+            return (_final_update(levels, i, afs, final_step),)
+        n = orders[i]
         history = levels[i::-1][:n]
         return (_combination(lambda x, *d: dpmpp_update(x, d, history, levels[i + 1]), 1, n),)
 
@@ -420,19 +465,22 @@ def _dpmpp_plan(solver: str, sigmas: Sequence[float] | torch.Tensor, order: int,
 
 
 def dpmpp_2m_plan(
-    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True
+    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True,
+    final_step: str = "extrapolate",
 ) -> SolverPlan:
-    """DPM-Solver++(2M): second order, first order on the first step, on a step to sigma = 0 and
-    (lower_order_final, fewer than 15 steps) on the last step."""
-    return _dpmpp_plan("dpmpp_2m", sigmas, 2, afs, lower_order_final)
+    """DPM-Solver++(2M): second order, first order on the first step and (lower_order_final,
+    fewer than 15 steps) on the last step; a step to sigma = 0 is `final_denoised` (x = D_i
+    with final_step "denoise", the paper's; D extrapolated to sigma = 0 with "extrapolate")."""
+    return _dpmpp_plan("dpmpp_2m", sigmas, 2, afs, lower_order_final, final_step)
 
 
 def dpmpp_3m_plan(
-    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True
+    sigmas: Sequence[float] | torch.Tensor, *, afs: bool = False, lower_order_final: bool = True,
+    final_step: str = "extrapolate",
 ) -> SolverPlan:
     """DPM-Solver++(3M): third order after a two-step warm start; lower_order_final on fewer than
-    15 steps makes the last two steps orders 2 and 1; a step to sigma = 0 is first order."""
-    return _dpmpp_plan("dpmpp_3m", sigmas, 3, afs, lower_order_final)
+    15 steps makes the last two steps orders 2 and 1; a step to sigma = 0 is `final_denoised`."""
+    return _dpmpp_plan("dpmpp_3m", sigmas, 3, afs, lower_order_final, final_step)
 
 
 # --- UniPC (bh2 / bh1), data prediction ------------------------------------------------------------
@@ -492,12 +540,13 @@ def unipc_plan(
     corrector: bool = True,
     variant: str = "bh2",
     lower_order_final: bool = True,
+    final_step: str = "extrapolate",
 ) -> SolverPlan:
     """UniPC: the UniP predictor of order min(order, i + 1) (lowered on the last steps like
     DPM-Solver++), and the UniC corrector of the same order applied to x_i at the call at
     sigma_i, reusing that call's D (no extra NFE): Step i first corrects x_i from X[-2] (x_{i-1})
     and the D history including the new D_i, then predicts x_{i+1}. No corrector after the last
-    call. Order p + 1 with the corrector."""
+    call. Order p + 1 with the corrector. A step to sigma = 0 is `final_denoised`."""
     levels = _levels(sigmas)
     _check_order(order, 3, "unipc")
     _check_afs(afs, levels)
@@ -506,10 +555,13 @@ def unipc_plan(
         raise ValueError(f"variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
     if not isinstance(corrector, bool):
         raise ValueError(f"corrector must be True or False, got {corrector!r}")
+    _check_final_step(final_step)
     orders = _step_orders(len(levels) - 1, order, lower_order_final)
 
     def predictor(i: int) -> Combination:
-        n = 1 if levels[i + 1] == 0 else orders[i]
+        if levels[i + 1] == 0:
+            return _final_update(levels, i, afs, final_step)
+        n = orders[i]
         history = levels[i::-1][:n]
         return _combination(lambda x, *d: unipc_update(x, d, history, levels[i + 1], variant), 1, n)
 

@@ -173,7 +173,8 @@ def test_first_order_solvers_agree_and_dpmpp_3m_is_third_order_where_the_common_
     grid = logsnr_sigmas(8, 0.05, 80.0)
     z = latents(2)
     euler = SM.sample(ORACLE, z, grid, solver="euler").sample
-    for solver, options in (("ipndm", {"order": 1}), ("unipc", {"order": 1, "solver_options": {"corrector": False}})):
+    for solver, options in (("ipndm", {"order": 1}),
+                            ("unipc", {"order": 1, "solver_options": {"corrector": False, "final_step": "denoise"}})):
         torch.testing.assert_close(SM.sample(ORACLE, z, grid, solver=solver, **options).sample, euler, rtol=0, atol=1e-12)
     sigmas, nxt = [1.0, 1.3, 1.8], 0.8
     denoised = [(-math.log(s)) ** 2 for s in sigmas]
@@ -195,15 +196,19 @@ def _diffusers_loop(scheduler, unet, noise):
     "scheduler_class, kwargs, solver, options, steps",
     [
         (DDIMScheduler, {"clip_sample": False}, "euler", {}, 10),
-        (DPMSolverMultistepScheduler, {"solver_order": 2, "final_sigmas_type": "zero"}, "dpmpp_2m", {}, 12),
-        (UniPCMultistepScheduler, {"solver_order": 2, "final_sigmas_type": "zero"}, "unipc", {"order": 2}, 12),
-        (UniPCMultistepScheduler, {"solver_order": 3, "final_sigmas_type": "zero"}, "unipc", {"order": 3}, 9),
+        (DPMSolverMultistepScheduler, {"solver_order": 2, "final_sigmas_type": "zero"}, "dpmpp_2m",
+         {"solver_options": {"final_step": "denoise"}}, 12),
+        (UniPCMultistepScheduler, {"solver_order": 2, "final_sigmas_type": "zero"}, "unipc",
+         {"order": 2, "solver_options": {"final_step": "denoise"}}, 12),
+        (UniPCMultistepScheduler, {"solver_order": 3, "final_sigmas_type": "zero"}, "unipc",
+         {"order": 3, "solver_options": {"final_step": "denoise"}}, 9),
     ],
 )
 def test_parity_with_diffusers_schedulers(scheduler_class, kwargs, solver, options, steps):
     """On an epsilon VP model (the exact Gaussian oracle as a UNet), our plan on diffusers' grid
     from the same noise gives diffusers' sample: DDIM is Euler in EDM space, DPM-Solver++(2M) and
-    UniPC-bh2 (diffusers lowers the final orders like our rule below 15 steps)."""
+    UniPC-bh2 (diffusers lowers the final orders like our rule below 15 steps), with the published
+    final step x = D (final_step "denoise")."""
     unet = OracleUNet2DModel(dataset="gaussian").double()
     scheduler = scheduler_class(timestep_spacing="trailing", **kwargs)
     scheduler.set_timesteps(steps)
@@ -346,3 +351,52 @@ def test_vp_time_of_the_default_deis_variable_is_the_spec_one():
     """deis interpolates in the continuous VP t of EDM_SPEC: sigma_VP(t(sigma)) = sigma."""
     s = torch.tensor([0.01, 1.0, 80.0], dtype=torch.float64)
     torch.testing.assert_close(vp_sigma(vp_sigma_inv(s)), s)
+
+
+# --- the step to sigma = 0 ---------------------------------------------------------------------------
+
+
+def test_final_denoised_is_exact_for_d_linear_in_sigma_squared_and_keeps_constant_d():
+    sigmas = [0.01, 0.03]
+    a, b = 0.4, -7.0
+    assert V.final_denoised([a + b * s**2 for s in sigmas], sigmas) == pytest.approx(a, abs=1e-12)
+    assert V.final_denoised([0.25, 0.25], sigmas) == 0.25
+    assert V.final_denoised([0.25], sigmas[:1]) == 0.25
+
+
+@pytest.mark.parametrize("solver, options", [("dpmpp_3m", {}), ("unipc", {"order": 3})])
+def test_extrapolated_final_step_removes_the_sigma_min_floor(solver, options):
+    """With many steps of a third-order solver the ODE error vanishes and what is left is the
+    final step's: x = D at sigma_min is off by O(sigma_min^2) (slope 2 in sigma_min; the
+    built-in Gaussian's smallest std is 0.03), the extrapolation by O(sigma_min^4)."""
+    z = latents(4)
+    errors = {"denoise": [], "extrapolate": []}
+    sigma_mins = [0.01, 0.005, 0.0025]
+    exact = ORACLE.ode_solution(z * 80.0, 80.0, 0.0)
+    for sigma_min in sigma_mins:
+        grid = logsnr_sigmas(300, sigma_min, 80.0)
+        for final_step in errors:
+            out = SM.sample(ORACLE, z, grid, solver=solver, solver_options={"final_step": final_step}, **options).sample
+            errors[final_step].append(float((out - exact).pow(2).mean().sqrt()))
+    slope = {k: np.polyfit(np.log(sigma_mins), np.log(v), 1)[0] for k, v in errors.items()}
+    assert 1.8 < slope["denoise"] < 2.2
+    assert slope["extrapolate"] > 3.0
+    assert errors["extrapolate"][0] < errors["denoise"][0] / 10
+
+
+def test_final_step_option_bad_value_and_scheduler_round_trip(tmp_path):
+    from edm_sampling.schedulers import EDMScheduler
+
+    with pytest.raises(ValueError, match="final_step"):
+        SM.sample(ORACLE, latents(1), logsnr_sigmas(4, 0.01, 80.0), solver="unipc", solver_options={"final_step": "midpoint"})
+    with pytest.raises(ValueError, match="final_step"):
+        EDMScheduler(solver="heun", final_step="extrapolate")
+    scheduler = EDMScheduler(solver="dpmpp_2m", final_step="denoise")
+    scheduler.save_config(tmp_path)
+    assert EDMScheduler.from_pretrained(tmp_path).config.final_step == "denoise"
+    scheduler.set_timesteps(6)
+    last = scheduler.plan.steps[-1].updates[-1]
+    assert last.denoised == (1.0,) and not any(last.states)
+    extrapolating = EDMScheduler(solver="dpmpp_2m")
+    extrapolating.set_timesteps(6)
+    assert len(extrapolating.plan.steps[-1].updates[-1].denoised) == 2

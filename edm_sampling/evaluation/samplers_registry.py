@@ -293,7 +293,13 @@ def build_scheduler(spec: SamplerSpec, scheduler_config: dict):
 
 
 def _start_of(scheduler, spec: SamplerSpec) -> tuple[float, float]:
-    """(sigma, scale) of the loop's first state in EDM space: x_edm = scale * latents."""
+    """(sigma, scale) of the loop's first state in EDM space: x_edm = scale * latents.
+
+    EDMScheduler states it exactly: its plan starts at sigma_hats[0] from init_std * latents
+    (under afs the first call is one step later, at a state the plan derives from that start)."""
+    plan = getattr(scheduler, "plan", None)
+    if plan is not None:
+        return float(plan.sigma_hats[0]), float(plan.init_std)
     init = float(scheduler.init_noise_sigma)
     hats = getattr(scheduler, "sigma_hats", None)  # EDMScheduler: the first call's (churned) level
     sigmas = hats if hats is not None else getattr(scheduler, "sigmas", None)

@@ -1,12 +1,14 @@
 """Scheduler overhead per model call: time spent in `scale_model_input` + `step`, with a model
-that costs nothing (it returns a fixed tensor), for EDMScheduler (Heun) against diffusers'
-HeunDiscreteScheduler and EulerDiscreteScheduler on the same latents.
+that costs nothing (it returns a fixed tensor), for EDMScheduler (Heun, and the multistep
+solvers dpmpp_2m and unipc) against diffusers' HeunDiscreteScheduler, EulerDiscreteScheduler,
+DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler on the same latents.
 
     python benchmarks/scheduler_overhead.py [--device cuda] [--steps 18] [--repeats 7]
 
 Each scheduler runs the whole sampling loop of `--steps` steps `--repeats` times; the median
-over repeats of (loop time) / (model calls) is reported. Target: EDMScheduler
-at most 0.5x HeunDiscreteScheduler's overhead.
+over repeats of (loop time) / (model calls) is reported. Target: EDMScheduler(heun) at most
+0.5x HeunDiscreteScheduler's overhead; also reported: EDMScheduler(dpmpp_2m) against
+DPMSolverMultistepScheduler and EDMScheduler(unipc) against UniPCMultistepScheduler.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import statistics
 import time
 
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from edm_sampling.schedulers import EDMScheduler
 
@@ -65,8 +73,12 @@ def main() -> None:
         output = torch.randn(shape, generator=generator).to(device)
         schedulers = {
             "EDMScheduler(heun)": EDMScheduler.from_config(config),
+            "EDMScheduler(dpmpp_2m)": EDMScheduler.from_config(config, solver="dpmpp_2m"),
+            "EDMScheduler(unipc)": EDMScheduler.from_config(config, solver="unipc"),
             "HeunDiscreteScheduler": HeunDiscreteScheduler.from_config(config),
             "EulerDiscreteScheduler": EulerDiscreteScheduler.from_config(config),
+            "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler.from_config(config),
+            "UniPCMultistepScheduler": UniPCMultistepScheduler.from_config(config),
         }
         results = {}
         for name, scheduler in schedulers.items():
@@ -76,7 +88,9 @@ def main() -> None:
         for name, (seconds, calls) in results.items():
             print(f"{'x'.join(map(str, shape)):>16} {name:>24} {calls:>5} {seconds * 1e6:>9.1f} {seconds / heun:>8.2f} {seconds / euler:>8.2f}")
         ratio = results["EDMScheduler(heun)"][0] / heun
-        print(f"{'':>16} EDMScheduler / HeunDiscreteScheduler = {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'})")
+        print(f"{'':>16} EDMScheduler(heun) / HeunDiscreteScheduler = {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'})")
+        for ours, theirs in (("EDMScheduler(dpmpp_2m)", "DPMSolverMultistepScheduler"), ("EDMScheduler(unipc)", "UniPCMultistepScheduler")):
+            print(f"{'':>16} {ours} / {theirs} = {results[ours][0] / results[theirs][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ module only maps the pipeline protocol onto them:
   remaining grid is built afresh, with a fresh history;
 - speed: every coefficient is a Python float computed at `set_timesteps`, so `step` is a few
   fused multiply-adds with no host-device sync (the one exception is the first call's timestep
-  lookup when no begin index is set). Non-finite model outputs are tracked with a device flag
-  and reported once, after the last call (one sync per generation).
+  lookup when no begin index is set). Non-finite samples are detected once, after the last
+  call (one sync per generation).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from .families import (
     flow_time,
     read_scheduler_config,
 )
-from .samplers import check_generator, churned_grid, combine_update, randn
+from .samplers import check_generator, churned_grid, randn
 from .schedules import (
     SCHEDULES,
     check_num_steps,
@@ -101,14 +101,21 @@ _MODEL_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", 
                "prediction_type")
 
 
+_Term = tuple[float, bool, int]  # (coefficient, from D (else from X), look-back k: X[-1-k] / D[-1-k])
+
+
 @dataclass(frozen=True)
 class _Call:
-    """One model call of a plan, as Python floats (no host-device sync in `step`).
+    """One model call of a plan, compiled to Python floats (no host-device sync in `step`).
 
-    The pipeline's state at this call is x_edm * state_scale; the network output F gives
-    D = denoised[0] x_edm + denoised[1] F (the family's c_skip and c_out, with its output
-    convention). `step` is the plan's Step of this call; `start_std` is the std of pure noise at
-    this call in x_edm units, churn folded in (where img2img starts)."""
+    The history is kept as the scheduler stores it: a state X[j] that was handed to the
+    pipeline is stored in the pipeline's scale (x_edm * state_scale of the call it was handed
+    to), the others in x_edm; `updates` are the plan's updates of this call with those scales
+    and the next call's state scale folded into the coefficients (dropping the terms of a
+    skipped call's D = 0), so each becomes a multiply and fused adds. D = denoised[0] X[-1] +
+    denoised[1] F from the network output F (the family's c_skip / state_scale and c_out, with
+    its output convention). `start_std` is the std of pure noise at this call in x_edm units,
+    churn folded in (where img2img starts)."""
 
     index: int  # the call's position in the plan's calls
     step: Step
@@ -116,6 +123,7 @@ class _Call:
     state_scale: float
     denoised: tuple[float, float]
     start_std: float
+    updates: tuple[tuple[tuple[_Term, ...], float], ...]  # per update: its terms, its noise std
 
 
 def _prefix_scales(plan: SolverPlan) -> tuple[list[float], int]:
@@ -452,18 +460,32 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         return make_plan(self.config.solver, grid, **options)
 
     def _calls_of(self, plan: SolverPlan) -> list[_Call]:
-        """One `_Call` per model call of `plan`: its family coefficients as floats."""
+        """One `_Call` per model call of `plan`: its family coefficients and its updates, compiled
+        against the scales the history is stored in (see `_Call`)."""
         steps = [step for step in plan.steps if step.sigma is not None]
         sigma = torch.tensor([step.sigma for step in steps], dtype=torch.float64)
         c = self._family.coefficients(sigma)
         scales = self._family.input_scale(sigma).tolist()
+        prefix, skipped = _prefix_scales(plan)
+        if any(step.sigma is None for step in plan.steps[skipped:]):  # pragma: no cover (no solver does this)
+            raise ValueError(f"solver {plan.solver!r}: a step without a model call after the first call")
+        state_scales = [1.0] * (len(prefix) - 1) + [scales[0]]  # the start as `step` stores it
+        has_denoised = [False] * skipped
         calls = []
         for k, (step, c_skip, c_out) in enumerate(zip(steps, c.c_skip.tolist(), c.c_out.tolist())):
-            def denoised(x: float, out: float, c_skip=c_skip, c_out=c_out, sigma=step.sigma) -> float:
-                return c_skip * x + c_out * self._family.net_output(out, sigma)
+            def denoised(x: float, out: float, c_skip=c_skip, c_out=c_out, sigma=step.sigma, scale=scales[k]) -> float:
+                return c_skip * x / scale + c_out * self._family.net_output(out, sigma)
 
+            has_denoised.append(True)
+            updates = []
+            for u, update in enumerate(step.updates):
+                out = (scales[k + 1] if k + 1 < len(steps) else 1.0) if u + 1 == len(step.updates) else 1.0
+                terms = [(out * w / state_scales[-1 - j], False, j) for j, w in enumerate(update.states) if w != 0.0]
+                terms += [(out * w, True, j) for j, w in enumerate(update.denoised) if w != 0.0 and has_denoised[-1 - j]]
+                updates.append((tuple(terms), update.noise_std * out))
+                state_scales.append(out)
             start_std = initial_noise_std(step.level, step.sigma, self.config.s_noise)
-            calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std))
+            calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std, tuple(updates)))
         return calls
 
     # --- set_timesteps ----------------------------------------------------------------------------
@@ -562,11 +584,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         return index == 0 or self._calls[index].step.index != self._calls[index - 1].step.index
 
     def _reset_state(self) -> None:
-        self._states: deque | None = None  # the plan's X history, float32 or wider, scaled by _scales
+        self._states: deque | None = None  # the plan's X history, float32 or wider, stored as `_Call` says
         self._denoised: deque | None = None  # the plan's D history
         self._returned: torch.Tensor | None = None  # the prev_sample object handed to the pipeline
-        self._scales: deque | None = None  # X[j] = states[j] / scales[j] (the pipeline's scale, or 1)
-        self._nonfinite: list[torch.Tensor] = []  # per call: sum of D, NaN / inf if D has any (read once)
 
     def _current_index(self, timestep: Any = None) -> int:
         """The model call this `step` belongs to. On the first call: the begin index if set, else
@@ -636,50 +656,49 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             self._start_run(index)
         call = self._run_calls[index - self._run_offset]
         if self._states is None:
-            scales, skipped = _prefix_scales(self._run_plan)
-            z = sample.to(dtype) / (call.state_scale * scales[-1])  # the start noise
-            window = self._run_plan.state_history
-            self._states = deque([z * c for c in scales[:-1]] + [sample.to(dtype)], maxlen=window)
-            self._scales = deque([1.0] * (len(scales) - 1) + [call.state_scale], maxlen=window)
+            prefix, skipped = _prefix_scales(self._run_plan)
+            state = sample.to(dtype)
+            z = state / (call.state_scale * prefix[-1])  # the start noise
+            self._states = deque([z * c for c in prefix[:-1]] + [state], maxlen=self._run_plan.state_history)
             self._denoised = deque([None] * skipped, maxlen=self._run_plan.denoised_history)
         elif sample is not self._returned:  # the pipeline changed the state (inpainting): take it
             self._states[-1] = sample.to(dtype)
-        states, scales, denoised = self._states, self._scales, self._denoised
-        model_output = mean_output(model_output, sample)
-        x_denoised = torch.mul(states[-1], call.denoised[0] / scales[-1]).add_(model_output.to(dtype), alpha=call.denoised[1])
-        self._nonfinite.append(x_denoised.sum())
-        denoised.append(x_denoised)
-        last = index + 1 == len(self._calls)
-        for u, update in enumerate(call.step.updates):
-            final = u + 1 == len(call.step.updates)
-            out_scale = (1.0 if last else self._run_calls[index + 1 - self._run_offset].state_scale) if final else 1.0
-            new = combine_update(update, states, denoised, scales, out_scale)
-            if update.noise_std > 0:
-                new.add_(randn(new.shape, generator, new.device, dtype), alpha=update.noise_std * out_scale)
+        states, history = self._states, self._denoised
+        output = mean_output(model_output, sample)
+        if output.dtype != dtype:
+            output = output.to(dtype)
+        x_denoised = torch.mul(states[-1], call.denoised[0]).add_(output, alpha=call.denoised[1])
+        history.append(x_denoised)
+        for terms, noise_std in call.updates:
+            if not terms:
+                new = torch.zeros_like(states[-1])
+            else:
+                w, from_denoised, k = terms[0]
+                new = torch.mul((history if from_denoised else states)[-1 - k], w)
+                for w, from_denoised, k in terms[1:]:
+                    new.add_((history if from_denoised else states)[-1 - k], alpha=w)
+            if noise_std:
+                new.add_(randn(new.shape, generator, new.device, dtype), alpha=noise_std)
             states.append(new)
-            scales.append(out_scale)
         prev_sample, pred_original_sample = states[-1], x_denoised
         if sample.dtype != dtype:
             pred_original_sample, prev_sample = x_denoised.to(sample.dtype), prev_sample.to(sample.dtype)
         self._returned = prev_sample
         self._step_index = index + 1
-        if last:
-            self._report_nonfinite()
+        if self._step_index == len(self._calls):
+            self._check_finite(prev_sample)
         if not return_dict:
             return prev_sample, pred_original_sample
         return EDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
-    def _report_nonfinite(self) -> None:
-        """After the last call: one host-device sync to read the per-call flags; a warning names
-        the first call whose model output had NaN or inf."""
-        flags = (~torch.isfinite(torch.stack(self._nonfinite))).cpu().tolist() if self._nonfinite else []
-        self._nonfinite = []
-        if any(flags):
-            first = (self._step_index - len(flags)) + flags.index(True)
-            sigma = self._calls[first].sigma
+    def _check_finite(self, final: torch.Tensor) -> None:
+        """After the last call, one reduction and one host-device sync per generation: a warning
+        if the samples hold NaN or inf (a model output went non-finite at some call; the core
+        sampler, `samplers.sample`, checks every call and names the first)."""
+        if not bool(torch.isfinite(final.sum())):
             warnings.warn(
-                f"the model returned NaN or inf at call {first} of {len(self._calls)} (sigma = {sigma:.6g}, timestep "
-                f"{float(self.timesteps[first]):.6g}); the samples are not finite",
+                "the samples are not finite (NaN or inf): the model returned non-finite values at some call; "
+                "samplers.sample(...) on the same model names the first one",
                 RuntimeWarning,
                 stacklevel=3,
             )

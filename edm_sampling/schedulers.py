@@ -159,10 +159,22 @@ def _source_defaults(source: str) -> dict[str, Any] | None:
     return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
+# a foreign scheduler's own grid and solver settings: EDMScheduler replaces them by its grid and
+# solver by design, so a swap says nothing about them (Stable Diffusion's steps_offset = 1, ...)
+_REPLACED_SETTINGS = frozenset({
+    "timestep_spacing", "steps_offset", "set_alpha_to_one", "skip_prk_steps", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "solver_order", "algorithm_type", "solver_type",
+    "lower_order_final", "euler_at_final", "final_sigmas_type", "interpolation_type", "disable_corrector",
+    "predict_x0", "solver_p", "use_lu_lambdas", "lambda_min_clipped", "variance_type", "timestep_type",
+    "sigma_schedule", "beta_sigmas", "noise_sampler_seed",
+})
+
+
 def _ignored_settings(config: Mapping[str, Any], reading: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What from_config ignores and a user may expect to act: keyword arguments EDMScheduler does
     not accept, and settings of a foreign scheduler it does not use whose value is not that
-    scheduler's default (or is unknown to it), other than False / None ("off")."""
+    scheduler's default (or is unknown to it), other than False / None ("off") and the source's
+    own grid and solver settings, which EDMScheduler replaces by design (`_REPLACED_SETTINGS`)."""
     own = set(EDMScheduler._get_init_keys(EDMScheduler)) - {"self"}
     ignored = {key: value for key, value in kwargs.items() if key not in own}
     if reading.source == EDM_SCHEDULER:
@@ -170,7 +182,7 @@ def _ignored_settings(config: Mapping[str, Any], reading: Any, kwargs: Mapping[s
     defaults = _source_defaults(reading.source) or {}
     skipped = set(reading.used) | set(reading.scheduler_keys) | set(config.get("_use_default_values", []))
     for key, value in config.items():
-        if key.startswith("_") or key in skipped or value is None or value is False:
+        if key.startswith("_") or key in skipped or key in _REPLACED_SETTINGS or value is None or value is False:
             continue
         if key not in defaults or _differs(value, defaults[key]):
             ignored[key] = value

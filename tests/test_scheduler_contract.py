@@ -133,15 +133,19 @@ def test_from_config_warns_naming_what_it_ignores():
         warnings.simplefilter("always")
         EDMScheduler.from_config(DDPMScheduler().config)
         EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
-    assert not _ignore_warnings(caught)  # defaults and mapped keys: nothing to say
+        # Stable Diffusion's scheduler: its own timestep spacing is replaced by design, not "ignored"
+        EDMScheduler.from_config(DDIMScheduler(beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                                               timestep_spacing="trailing").config)
+        EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).config)
+    assert not _ignore_warnings(caught)  # defaults, mapped keys and the source's own grid settings: nothing to say
 
     with pytest.warns(UserWarning, match="s_chrun") as record:
         EDMScheduler.from_config(DDPMScheduler().config, s_chrun=40.0)
     assert "s_chrun" in str(record[0].message)
     with pytest.warns(UserWarning, match="thresholding"):
         EDMScheduler.from_config(DDIMScheduler(thresholding=True).config)
-    with pytest.warns(UserWarning, match="use_karras_sigmas"):
-        EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).config)
+    with pytest.warns(UserWarning, match="clip_sample_range"):
+        EDMScheduler.from_config(DDPMScheduler(clip_sample_range=2.0).config)
 
 
 def test_ddim_pipeline_replacing_our_scheduler_warns(tmp_path):

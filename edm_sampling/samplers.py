@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .safety.errors import NonFiniteOutputError
 from .schedules import (
     EDM_RHO,
     EDM_SIGMA_MAX,
@@ -65,10 +66,6 @@ __all__ = [
     "randn", "round_grid", "sample", "sample_ablation", "sample_euler", "sample_heun",
     "sample_stochastic", "sigma_hats",
 ]
-
-
-class NonFiniteOutputError(RuntimeError):
-    """The model returned NaN or inf during sampling."""
 
 
 # --- noise ---------------------------------------------------------------------------------------

@@ -194,6 +194,21 @@ class RunFolder:
         record = self._files.get(self._rel(path))
         return record is not None and record_matches(record, path)
 
+    def own_files(self) -> list[str]:
+        """Files in the folder that the package wrote and nobody changed since."""
+        return sorted(rel for rel in self._files if self.owned(rel))
+
+    def keep(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Record files this run found valid by its own check and uses as they are (a checkpoint
+        whose checksum holds, a cache whose key matches) as this run's: later writes may replace
+        them and `commit` keeps them, whoever wrote them."""
+        with self._mutex:
+            for path in paths:
+                path = self.root / path
+                if path.is_file():
+                    self._files[self._rel(path)] = file_record(path, self.run_id)
+                    self._unsaved = True
+
     def foreign_files(self) -> list[str]:
         """Files in the folder that the package did not write, or that changed since."""
         return sorted(self._rel(f) for f in files_below(self.root) if not self.owned(f))

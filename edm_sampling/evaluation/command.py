@@ -162,11 +162,15 @@ def _setting_group(members: list[list[float]]) -> str:
 def tune_main(args) -> int:
     """Run `edm-sampling tune`: print the grid, the best churn setting and whether its win is
     larger than the metric's noise."""
+    from ..safety import InvalidArgument
     from .tune import run_tune
 
     config = _config_from_args(args, nfe=[args.nfe], samplers=[], tune=True)
-    result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
-                      s_noise=args.s_noise, bootstrap=args.bootstrap)
+    try:
+        result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
+                          s_noise=args.s_noise, bootstrap=args.bootstrap)
+    except InvalidArgument as error:  # run_tune's `base` is the flag --sampler
+        raise error.renamed("sampler") if error.name == "base" else error
     if not result:
         return 0
     from .report import format_table

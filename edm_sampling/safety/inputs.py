@@ -170,3 +170,27 @@ def read_json_object(name: str, path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(name, f"{path} must hold a JSON object {{...}}, it holds a {type(value).__name__}")
     return value
+
+
+def read_pipeline_index(name: str, root: Path) -> dict[str, Any]:
+    """The model_index.json object of the diffusers folder ``root``, after checking every
+    component it names (a list value: [library, class], or [null, null] for an absent optional
+    one): a folder beside it, and every JSON file in that folder a JSON object. So a broken config is named
+    here, before any weight loads (a loader given a local folder whose config it cannot read may
+    report a failed download instead)."""
+    index_path = root / "model_index.json"
+    index = read_json_object(name, index_path)
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, (list, tuple)) or list(spec) == [None, None]:
+            continue  # settings (requires_safety_checker: false) and absent optional components
+        if not (len(spec) == 2 and all(isinstance(p, str) and p for p in spec)):
+            raise InvalidArgument(name, f"{index_path}: component {component!r} must be [library, class], got {spec!r}")
+        folder = root / component
+        if not folder.is_dir():
+            raise InvalidArgument(name, f"{index_path} names the component {component!r}, but {folder} is not a folder")
+        configs = sorted(folder.glob("*.json"))
+        if not configs:
+            raise InvalidArgument(name, f"the component folder {folder} has no config file (*.json)")
+        for config in configs:
+            read_json_object(name, config)
+    return index

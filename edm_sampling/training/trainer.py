@@ -404,7 +404,8 @@ class Trainer:
             raise InvalidArgument("data", "the model is class-conditional but the data has no class subfolders / 'label' column")
         if self.text_conditioned:
             if source.captions is None:
-                raise ValueError(source.caption_error + "; a text-to-image model needs captions")
+                error = source.caption_error
+                raise InvalidArgument(error.name, f"{error.problem}; a text-to-image model needs captions")
             self.captions = source.captions
         self.labels = torch.tensor(source.labels, dtype=torch.long) if source.labels is not None else None
         self.streamed = StreamedImages(source, size, mode)

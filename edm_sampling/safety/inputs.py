@@ -8,8 +8,8 @@ serves both.
 - `Number`: a rule for one numeric parameter (integer or real, bounds open or closed, None
   allowed or not); `Number.check` refuses bools, strings, NaN and inf (unless the rule allows
   inf) and values out of range, naming the range.
-- `check_real`: the type half of `Number` alone (a real number, not a string or a bool), for
-  callers whose own range checks would otherwise fail with a TypeError on a string.
+- `check_kinds`: the type half alone (a real number, not a string or a bool; a flag; a path),
+  for callers whose own range checks would otherwise fail with a TypeError on a string.
 - `check_choice`, `check_bool`, `existing_path`, `output_folder`, `read_json_object`:
   the rest of what users type: names from a list, flags, paths, small JSON files.
 
@@ -43,13 +43,25 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_real(name: str, value: Any, allow_none: bool = False) -> None:
-    """`InvalidArgument` unless ``value`` is a real number (or None when allowed): strings and
-    bools are refused by type, so range checks downstream never meet them."""
-    if value is None and allow_none:
-        return
-    if not _is_real(value):
-        raise InvalidArgument(name, f"must be a number, got {value!r}")
+KINDS = {
+    "real": lambda v: _is_real(v),
+    "real?": lambda v: v is None or _is_real(v),
+    "bool": lambda v: isinstance(v, bool),
+    "path?": lambda v: v is None or (isinstance(v, (str, os.PathLike)) and str(v) != ""),
+    "numbers?": lambda v: v is None or (hasattr(v, "__len__") and not isinstance(v, (str, bytes))
+                                        and all(_is_real(x) for x in (v.tolist() if hasattr(v, "tolist") else v))),
+}
+KIND_NAMES = {"real": "a number", "real?": "a number or None", "bool": "True or False", "path?": "a path or None",
+              "numbers?": "a sequence of numbers or None"}
+
+
+def check_kinds(**values: tuple[Any, str]) -> None:
+    """`InvalidArgument` for the first ``name=(value, kind)`` whose value is not of its kind
+    (see `KINDS`): a type check ahead of range checks written for numbers,
+    so a string or a bool is named instead of failing later with a TypeError."""
+    for name, (value, kind) in values.items():
+        if not KINDS[kind](value):
+            raise InvalidArgument(name, f"must be {KIND_NAMES[kind]}, got {value!r}")
 
 
 @dataclass(frozen=True)

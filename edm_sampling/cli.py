@@ -104,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except InvalidArgument as error:
-        command.exit(2, f"{command.prog}: error: {error.renamed(flag_as_typed(command, error.name, argv))}\n")
+        command.exit(2, f"{command.prog}: error: {_one_line(error.renamed(flag_as_typed(command, error.name, argv)))}\n")
     except (ValueError, OSError) as error:
         command.exit(2, f"{command.prog}: error: {_one_line(error)}\n")
     except NonFiniteOutputError as error:
-        command.exit(1, f"{command.prog}: error: {error}\n")
+        command.exit(1, f"{command.prog}: error: {_one_line(error)}\n")
     except (KeyboardInterrupt, Stopped) as stop:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         command.exit(128 + signum, f"\n{command.prog}: stopped by {signal.Signals(signum).name}; every file written so far "

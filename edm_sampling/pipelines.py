@@ -51,6 +51,12 @@ class EDMPipeline(DiffusionPipeline):
 
     def __init__(self, unet: Any, scheduler: Any):
         super().__init__()
+        config = getattr(unet, "config", None)
+        if not (isinstance(unet, torch.nn.Module) and hasattr(config, "in_channels") and hasattr(config, "sample_size")):
+            raise InvalidArgument("unet", f"must be a diffusers UNet2DModel (a torch module with config.in_channels and "
+                                          f"config.sample_size), got {type(unet).__name__}")
+        if not all(callable(getattr(scheduler, name, None)) for name in ("set_timesteps", "scale_model_input", "step")):
+            raise InvalidArgument("scheduler", f"must be a diffusers scheduler such as EDMScheduler, got {type(scheduler).__name__}")
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def _sample_shape(self, batch_size: int) -> tuple[int, ...]:

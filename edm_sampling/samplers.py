@@ -101,13 +101,13 @@ def check_sampling_inputs(denoiser: Any, latents: Any, **callables: Any) -> None
             raise InvalidArgument(name, f"must be callable or None, got {value!r}")
 
 
-def _model_kwargs(model_kwargs: Any) -> dict[str, Any]:
-    """``model_kwargs`` (None or a mapping of the extra arguments every model call gets) as a dict."""
-    if model_kwargs is None:
+def _as_dict(name: str, value: Any) -> dict[str, Any]:
+    """``value`` (None or a mapping: the model's extra arguments, a solver's options) as a dict."""
+    if value is None:
         return {}
-    if not isinstance(model_kwargs, Mapping):
-        raise InvalidArgument("model_kwargs", f"must be a dict of keyword arguments or None, got {model_kwargs!r}")
-    return dict(model_kwargs)
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(name, f"must be a dict of keyword arguments or None, got {value!r}")
+    return dict(value)
 
 
 def randn(
@@ -236,7 +236,7 @@ def execute_plan(
     "sigma_next", "denoised" (D at the step's first call; None under afs)}.
     """
     check_generator(generator, latents.shape[0])
-    model_kwargs = _model_kwargs(model_kwargs)
+    model_kwargs = _as_dict("model_kwargs", model_kwargs)
     dtype = _state_dtype(state_dtype, latents)
     states: deque = deque([latents.to(dtype) * plan.init_std], maxlen=plan.state_history)
     denoised: deque = deque(maxlen=plan.denoised_history)
@@ -308,7 +308,7 @@ def sample(
     info = solver_info(solver)
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
     check_kinds(afs=(afs, "bool"), check_finite=(check_finite, "bool"), progress=(progress, "bool"))
-    _model_kwargs(model_kwargs)
+    _as_dict("model_kwargs", model_kwargs)
     if s_churn > 0 and not info.churn:
         raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVER_REGISTRY.items() if i.churn]} only; "
                          f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
@@ -317,7 +317,7 @@ def sample(
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)
     check_sigmas_in_range(sigmas, getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf))
     grid, hats = churned_grid(sigmas, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
-    options = dict(solver_options or {})
+    options = _as_dict("solver_options", solver_options)
     options.update({k: v for k, v in (("alpha", alpha), ("order", order)) if v is not None})
     if afs:
         options["afs"] = afs
@@ -456,7 +456,7 @@ def sample_ablation(
         getattr(denoiser, "sigma_max", math.inf),
     )
     sched = _ablation_schedule(schedule, lo, hi, epsilon_s)
-    model_kwargs = _model_kwargs(model_kwargs)
+    model_kwargs = _as_dict("model_kwargs", model_kwargs)
     round_sigma = getattr(denoiser, "round_sigma", None) or (lambda s: s)
     grid = denoiser_sigmas(denoiser, num_steps, lo, hi, rho, discretization_name, **options)
     sigmas, hats = churned_grid(grid, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))

@@ -50,7 +50,10 @@ def _float_list(text: str) -> list[float]:
 
 
 def _str_list(text: str) -> list[str]:
-    return [v for v in text.replace(",", " ").split() if v]
+    names = [v for v in text.replace(",", " ").split() if v]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int, batch_size: int) -> None:

@@ -93,6 +93,8 @@ class SweepConfig:
             raise InvalidArgument("prompt", f"must be a text or None, got {self.prompt!r}")
         if self.samplers is not None and (isinstance(self.samplers, (str, bytes)) or not isinstance(self.samplers, Sequence)):
             raise InvalidArgument("samplers", f"must be a list of sampler names, got {self.samplers!r}")
+        if self.samplers is not None and not self.samplers and not self.extra_specs:
+            raise InvalidArgument("samplers", "give at least one sampler name (or None for all of them)")
         specs = resolve_samplers(self.samplers) if self.samplers or not self.extra_specs else []
         specs = specs + list(self.extra_specs)
         if self.output is not None:

@@ -95,6 +95,19 @@ def files_below(path: Path) -> list[Path]:
     return found
 
 
+def check_folder_replaceable(old: Path, new: Path) -> None:
+    """Replacing the folder ``old`` by ``new`` (outside a run folder, with no manifest to ask) may
+    not delete anything: `FolderContentsError` naming the files of ``old`` that ``new`` does not
+    have (a user's notes in an exported pipeline folder)."""
+    kept = {f.relative_to(new).as_posix() for f in files_below(new)}
+    lost = [f.relative_to(old).as_posix() for f in files_below(old) if f.relative_to(old).as_posix() not in kept]
+    if lost:
+        raise FolderContentsError(
+            f"{old}: replacing it would delete {_listing(lost)}, which edm_sampling would not write again; "
+            "move them out of the folder and run again (nothing was changed)"
+        )
+
+
 def _new_run_id() -> str:
     return f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}-{secrets.token_hex(3)}"
 

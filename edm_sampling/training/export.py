@@ -18,7 +18,9 @@ imported edm_sampling, gives back `edm_sampling.pipelines.EDMPipeline`, offline.
 
 The folder is written next to its final place and moved in whole (`safety.atomic_write`: the
 user's umask, an interrupted write never half-replaces it); an existing folder is replaced
-only with ``overwrite=True``, and inside a run folder only if edm_sampling wrote all of it.
+only with ``overwrite=True``, and never so that a file edm_sampling did not write is lost: inside
+a run folder its manifest says which files are the package's, elsewhere every file of the old
+folder must be one the new export writes again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 
 from edm_sampling.families import EDM, Family
 from edm_sampling.safety import atomic_write
+from edm_sampling.safety.atomic import observed
+from edm_sampling.safety.runfolder import check_folder_replaceable
 
 
 def _edm_parts(source: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -147,4 +151,5 @@ def export_pipeline(source: Any, folder: str | os.PathLike, overwrite: bool = Fa
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ValueError(f"export folder {str(folder)!r} already exists; pass overwrite=True to replace it")
-    return atomic_write(folder, write, folder=True)
+    guard = None if observed(folder) or not folder.is_dir() else (lambda tmp: check_folder_replaceable(folder, tmp))
+    return atomic_write(folder, write, folder=True, check=guard)

@@ -141,12 +141,15 @@ class HFDatasetSource:
     ``DatasetDict`` gives its "train" split), or a hub name when online."""
 
     def __init__(self, name_or_path: str, image_column: str = "image", caption_column: str = "text"):
+        local = Path(name_or_path).exists()
+        if not local and (name_or_path.startswith((".", "~", "/")) or name_or_path.count("/") > 1):
+            raise InvalidArgument("dataset", f"no such folder {name_or_path!r} (a hub name is 'owner/name')")
         try:
             import datasets
         except ImportError:
             raise InvalidArgument("dataset", "needs the `datasets` package: pip install 'edm_sampling[datasets]'") from None
         try:
-            if Path(name_or_path).exists():
+            if local:
                 data = datasets.load_from_disk(name_or_path)
             else:
                 data = datasets.load_dataset(name_or_path, split="train")

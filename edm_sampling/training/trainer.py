@@ -274,14 +274,20 @@ class Trainer:
         except Exception:  # at interpreter exit: the kernel drops the lock with the process anyway
             pass
 
+    @staticmethod
+    def _refuse_fp16(device: str) -> None:
+        raise InvalidArgument("mixed_precision", f"fp16 needs a CUDA GPU (its loss scaling is what finds and skips "
+                                                 f"non-finite steps); on {device} use bf16 or no")
+
     def _setup(self, dataset: ImageDataset | None) -> None:
         from accelerate import Accelerator
 
         config = self.config
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            self._refuse_fp16("cpu")
         self.accelerator = acc = Accelerator(mixed_precision=config.mixed_precision)
         if config.mixed_precision == "fp16" and acc.device.type != "cuda":
-            raise InvalidArgument("mixed_precision", f"fp16 needs a CUDA GPU (its loss scaling is what finds and skips "
-                                                     f"non-finite steps); on {acc.device.type} use bf16 or no")
+            self._refuse_fp16(acc.device.type)
         self._open_folder()
         self.pretrained = None
         if config.pretrained:
@@ -290,6 +296,9 @@ class Trainer:
             self.pretrained = check_pretrained(config.pretrained, config.scheduler_config)
         self.latent = self.pretrained is not None and self.pretrained.latent
         self.text_conditioned = self.pretrained is not None and self.pretrained.text_conditioned
+        if config.cache_latents and not self.latent:
+            raise InvalidArgument("cache_latents", "caches VAE latents: it needs --pretrained with a latent pipeline "
+                                                   "(one with a vae); this model works on pixels")
         if self.latent and config.augment_p > 0:
             raise InvalidArgument("augment_p", "geometric augmentation is for pixel models; this model is latent")
         self._open_data(dataset)

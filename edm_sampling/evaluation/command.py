@@ -80,7 +80,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int, batc
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", "--output", dest="output", default=None, metavar="DIR",
                        help="output folder (default bench_results/<model>); --output is an alias")
-    group.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the results in an existing output folder (only files edm_sampling wrote; yours are kept)")
     group.add_argument("--grid-images", type=int, default=64, help="images per sample grid (0: no grids)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

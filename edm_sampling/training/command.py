@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
-    group.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")
+    group.add_argument("--overwrite", action="store_true", help="start a new run in an existing --output-dir: the old "
+                       "files stay until the new run replaces them; files edm_sampling did not write are kept")
     p.set_defaults(func=run)
     return p
 

@@ -22,6 +22,14 @@ being the only distributed engine. Per step:
 Checkpoints (`checkpoint.py`) hold model, EMA, optimizer, step and RNG states in one
 safetensors file written atomically; each is followed by a sample grid from fixed seeds. The
 run ends by exporting the EMA UNet as a diffusers pipeline folder (`export.py`).
+
+The run folder is held from the start (`safety.RunFolder`, main process: one job per folder, a
+manifest of what the package wrote, every output known up front so a user's file there is refused
+before any work); what it holds is said once ("found a checkpoint at step N: resuming", "starting
+a new run"). ``--overwrite`` deletes nothing at the start: the new run's files replace the old ones
+as they are written, and the old ones it did not write again go when it finishes. SIGINT / SIGTERM
+finish the step, save, print the command that resumes and exit 130 / 143; NaN / inf EMA weights
+are never exported.
 """
 
 from __future__ import annotations

@@ -116,12 +116,6 @@ SEED = Number(0, 2**63 - 1, integer=True)
 """A random seed: what torch and numpy both take."""
 
 
-def check_numbers(**values: tuple[Any, Number]) -> None:
-    """`Number.check` of each ``name=(value, rule)``, in order."""
-    for name, (value, rule) in values.items():
-        rule.check(name, value)
-
-
 def check_choice(name: str, value: Any, choices: Iterable[Any], optional: bool = False) -> None:
     """`InvalidArgument` unless ``value`` is one of ``choices`` (or None when ``optional``)."""
     choices = tuple(choices)

@@ -7,9 +7,13 @@ Each subcommand lives beside the code it drives and registers itself through a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import NoReturn, Sequence
+
+from .safety import InvalidArgument, NonFiniteOutputError, Stopped
 
 _loaded_at: float | None = time.perf_counter()
 """When this module was loaded: the start of the process's first command, which `main` hands
@@ -31,12 +35,19 @@ _SUBCOMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage of `train` alone is 20 lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     import importlib
 
-    parser = argparse.ArgumentParser(prog="edm-sampling", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="edm-sampling", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _SUBCOMMAND_MODULES:
         try:
@@ -49,17 +60,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (`train`, `bench`, `tune`)."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def flag_as_typed(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> str:
+    """The flag of parameter ``name`` (an argparse dest) as the user typed it in ``argv`` (an alias
+    or an abbreviation), else its first spelling; ``name`` itself if no flag sets it."""
+    for action in parser._actions:
+        if action.dest == name and action.option_strings:
+            typed = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+            for token in typed:
+                if any(option.startswith(token) for option in action.option_strings):
+                    return token
+            return action.option_strings[0]
+    return name
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` and run the chosen subcommand; returns the process exit code."""
+    """Parse `argv` and run the chosen subcommand; returns the process exit code.
+
+    Errors a user can act on end the command with one line and no traceback: bad input
+    (ValueError, named by the flag as typed) and failed reads or writes (OSError, among them
+    `WriteFailedError`: disk full) with exit code 2, non-finite model outputs with 1, SIGINT /
+    SIGTERM with 130 / 143 (the trainer first finishes its step and saves a checkpoint; files
+    are written atomically, so none is left half-written)."""
     global _loaded_at
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.started, _loaded_at = _loaded_at or time.perf_counter(), None
+    args.argv = argv
+    command = subcommand_parser(parser, args.command)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         result = args.func(args)
-    except ValueError as error:
-        parser.exit(2, f"edm-sampling {args.command}: error: {error}\n")
+    except InvalidArgument as error:
+        command.exit(2, f"{command.prog}: error: {_one_line(error.renamed(flag_as_typed(command, error.name, argv)))}\n")
+    except (ValueError, OSError) as error:
+        command.exit(2, f"{command.prog}: error: {_one_line(error)}\n")
+    except NonFiniteOutputError as error:
+        command.exit(1, f"{command.prog}: error: {_one_line(error)}\n")
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        command.exit(128 + signum, f"\n{command.prog}: stopped by {signal.Signals(signum).name}; every file written so far "
+                                   "is complete (writes are atomic)\n")
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's text on one line (an OSError without a message: its class name)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

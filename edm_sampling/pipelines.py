@@ -15,6 +15,7 @@ Without `trust_remote_code=True` diffusers' error names the flag and the file.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,9 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from . import schedulers as _schedulers  # noqa: F401  (diffusers finds EDMScheduler only in imported modules)
-from .samplers import check_generator, randn
+from .safety.errors import NonFiniteOutputError
+from .safety.inputs import InvalidArgument, Number, check_choice, check_kinds
+from .samplers import check_generator, check_sampling_inputs, randn
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LOADER_MODULE = "edm_pipeline"  # <folder>/edm_pipeline.py, named by model_index.json's _class_name
@@ -48,6 +51,12 @@ class EDMPipeline(DiffusionPipeline):
 
     def __init__(self, unet: Any, scheduler: Any):
         super().__init__()
+        config = getattr(unet, "config", None)
+        if not (isinstance(unet, torch.nn.Module) and hasattr(config, "in_channels") and hasattr(config, "sample_size")):
+            raise InvalidArgument("unet", f"must be a diffusers UNet2DModel (a torch module with config.in_channels and "
+                                          f"config.sample_size), got {type(unet).__name__}")
+        if not all(callable(getattr(scheduler, name, None)) for name in ("set_timesteps", "scale_model_input", "step")):
+            raise InvalidArgument("scheduler", f"must be a diffusers scheduler such as EDMScheduler, got {type(scheduler).__name__}")
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
@@ -66,7 +75,14 @@ class EDMPipeline(DiffusionPipeline):
             return None
         if not conditional:
             raise ValueError("class_labels was given but the unet has no class embedding")
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        try:
+            labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            labels = None
+        classes = getattr(self.unet.config, "num_class_embeds", None)
+        if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or not bool(
+                ((labels >= 0) & (labels < (classes or 2**62))).all()):
+            raise InvalidArgument("class_labels", f"must be integer labels in [0, {classes}), got {class_labels!r}")
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
@@ -94,27 +110,33 @@ class EDMPipeline(DiffusionPipeline):
             output_type: "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or "latent"
                 (the raw final samples in the model's data range, unclamped).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+        Number(1, integer=True).check("batch_size", batch_size)
+        check_kinds(return_dict=(return_dict, "bool"))
         check_generator(generator, batch_size)
         device = self._execution_device
         shape = self._sample_shape(batch_size)
         if latents is None:
             latents = randn(shape, generator, device, torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            check_sampling_inputs(self.unet, latents)
+            if tuple(latents.shape) != shape:
+                raise InvalidArgument("latents", f"must have shape {shape}, got {tuple(latents.shape)}")
         labels = self._class_labels(class_labels, batch_size, device)
         model_kwargs = {} if labels is None else {"class_labels": labels}
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         state_dtype = torch.promote_types(latents.dtype, torch.float32)
         sample = latents.to(device=device, dtype=state_dtype) * self.scheduler.init_noise_sigma
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            output = self.unet(model_input, t, **model_kwargs).sample
-            sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
+        finite = []  # per model call: whether its output is finite, a device flag read once after the loop
+        with warnings.catch_warnings():  # EDMScheduler's own non-finite warning: the error below says more
+            warnings.filterwarnings("ignore", message="the samples are not finite", category=RuntimeWarning)
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+                output = self.unet(model_input, t, **model_kwargs).sample
+                finite.append(torch.isfinite(output).all())
+                sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
+        self._check_finite(finite, sample)
 
         if output_type == "latent":
             images = sample
@@ -130,6 +152,21 @@ class EDMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _check_finite(self, finite: list[torch.Tensor], sample: torch.Tensor) -> None:
+        """`NonFiniteOutputError` naming the first model call whose output held NaN or inf (one
+        host sync for the whole generation), or saying that the samples did though no output did."""
+        flags = torch.stack(finite + [torch.isfinite(sample).all()]).cpu().tolist()
+        if all(flags):
+            return
+        timesteps = self.scheduler.timesteps
+        if not all(flags[:-1]):
+            call = flags.index(False)
+            raise NonFiniteOutputError(
+                f"the model returned NaN or inf at step {call} of {len(finite)} (timestep {float(timesteps[call]):.6g}); "
+                "no images are returned")
+        raise NonFiniteOutputError("the samples hold NaN or inf although every model output was finite (a scheduler "
+                                   "setting out of range?); no images are returned")
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """diffusers' save_pretrained, plus the loader file that lets

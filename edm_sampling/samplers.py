@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .safety.errors import NonFiniteOutputError
+from .safety.inputs import InvalidArgument, check_kinds
 from .schedules import (
     EDM_RHO,
     EDM_SIGMA_MAX,
@@ -67,20 +69,45 @@ __all__ = [
 ]
 
 
-class NonFiniteOutputError(RuntimeError):
-    """The model returned NaN or inf during sampling."""
-
-
 # --- noise ---------------------------------------------------------------------------------------
 
 
 def check_generator(generator: Generator, batch_size: int) -> None:
-    """A list of generators must hold exactly one per sample."""
-    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
-        raise ValueError(
-            f"generator is a list of {len(generator)} generators but the batch has {batch_size} samples; "
+    """`InvalidArgument` unless ``generator`` is None, a torch.Generator, or a list of exactly one
+    per sample (checked before the first model call, so a wrong list never fails steps later)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise InvalidArgument("generator", f"must be None, a torch.Generator or a list of one per sample, got {generator!r}")
+    if len(generator) != batch_size:
+        raise InvalidArgument(
+            "generator", f"is a list of {len(generator)} generators but the batch has {batch_size} samples; "
             "pass one generator per sample"
         )
+
+
+def check_sampling_inputs(denoiser: Any, latents: Any, **callables: Any) -> None:
+    """What every sampler takes: a callable denoiser, `latents` a finite floating-point tensor
+    with a batch dimension (one host sync), and optional callables (None or callable)."""
+    if not callable(denoiser):
+        raise InvalidArgument("denoiser", f"must be callable as D(x, sigma), got {denoiser!r}")
+    if not (isinstance(latents, torch.Tensor) and latents.is_floating_point() and latents.dim() >= 1):
+        raise InvalidArgument("latents", f"must be a floating-point tensor [batch, ...], got {type(latents).__name__}"
+                                         f"{' ' + str(tuple(latents.shape)) + ' ' + str(latents.dtype) if isinstance(latents, torch.Tensor) else ''}")
+    if not bool(torch.isfinite(latents).all()):
+        raise InvalidArgument("latents", "hold NaN or inf; the starting noise must be finite")
+    for name, value in callables.items():
+        if value is not None and not callable(value):
+            raise InvalidArgument(name, f"must be callable or None, got {value!r}")
+
+
+def _as_dict(name: str, value: Any) -> dict[str, Any]:
+    """``value`` (None or a mapping: the model's extra arguments, a solver's options) as a dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(name, f"must be a dict of keyword arguments or None, got {value!r}")
+    return dict(value)
 
 
 def randn(
@@ -209,7 +236,7 @@ def execute_plan(
     "sigma_next", "denoised" (D at the step's first call; None under afs)}.
     """
     check_generator(generator, latents.shape[0])
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = _as_dict("model_kwargs", model_kwargs)
     dtype = _state_dtype(state_dtype, latents)
     states: deque = deque([latents.to(dtype) * plan.init_std], maxlen=plan.state_history)
     denoised: deque = deque(maxlen=plan.denoised_history)
@@ -275,10 +302,13 @@ def sample(
     (default: the denoiser's) so the ODE is solved at levels the model represents. Every check
     runs before the first model call.
     """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    check_sampling_inputs(denoiser, latents, callback=callback, round_sigma=round_sigma)
+    sigmas = _as_grid(sigmas)
     check_sigmas(sigmas)
     info = solver_info(solver)
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    check_kinds(afs=(afs, "bool"), check_finite=(check_finite, "bool"), progress=(progress, "bool"))
+    _as_dict("model_kwargs", model_kwargs)
     if s_churn > 0 and not info.churn:
         raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVER_REGISTRY.items() if i.churn]} only; "
                          f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
@@ -287,7 +317,7 @@ def sample(
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)
     check_sigmas_in_range(sigmas, getattr(denoiser, "sigma_min", 0.0), getattr(denoiser, "sigma_max", math.inf))
     grid, hats = churned_grid(sigmas, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))
-    options = dict(solver_options or {})
+    options = _as_dict("solver_options", solver_options)
     options.update({k: v for k, v in (("alpha", alpha), ("order", order)) if v is not None})
     if afs:
         options["afs"] = afs
@@ -296,6 +326,16 @@ def sample(
     plan = make_plan(solver, grid, **options)
     return execute_plan(plan, denoiser, latents, generator=generator, model_kwargs=model_kwargs, callback=callback,
                         check_finite=check_finite, state_dtype=state_dtype, progress=progress)
+
+
+def _as_grid(sigmas: Any) -> torch.Tensor:
+    """``sigmas`` as a float64 CPU tensor; `InvalidArgument` if it is not numbers."""
+    if isinstance(sigmas, (str, bytes)):
+        raise InvalidArgument("sigmas", f"must be a sequence of noise levels, got {sigmas!r}")
+    try:
+        return torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidArgument("sigmas", f"must be a sequence of noise levels, got {sigmas!r} ({error})") from None
 
 
 def sample_heun(denoiser: DenoiserFn, latents: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, **kwargs: Any) -> SamplerOutput:
@@ -396,6 +436,7 @@ def sample_ablation(
     1e-3, ve [0.02, 100], iddpm [0.002, 81], else [0.002, 80]), clamped to the model's; the VP
     schedule's betas are refitted to that range.
     """
+    check_sampling_inputs(denoiser, latents)
     check_num_steps(num_steps)
     if solver not in ABLATION_SOLVERS:
         raise ValueError(f"solver must be one of {ABLATION_SOLVERS} for sample_ablation, got {solver!r}")
@@ -415,7 +456,7 @@ def sample_ablation(
         getattr(denoiser, "sigma_max", math.inf),
     )
     sched = _ablation_schedule(schedule, lo, hi, epsilon_s)
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = _as_dict("model_kwargs", model_kwargs)
     round_sigma = getattr(denoiser, "round_sigma", None) or (lambda s: s)
     grid = denoiser_sigmas(denoiser, num_steps, lo, hi, rho, discretization_name, **options)
     sigmas, hats = churned_grid(grid, round_sigma, s_churn, s_tmin, s_tmax, getattr(denoiser, "sigma_max", math.inf))

@@ -71,6 +71,7 @@ from .families import (
     flow_time,
     read_scheduler_config,
 )
+from .safety.inputs import check_kinds
 from .samplers import check_generator, churned_grid, randn
 from .schedules import (
     SCHEDULES,
@@ -268,6 +269,10 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         schedule_file: str | None = None,
         final_step: str | None = None,
     ):
+        check_kinds(sigma_min=(sigma_min, "real"), sigma_max=(sigma_max, "real"), s_tmax=(s_tmax, "real?"),
+                    beta_start=(beta_start, "real"), beta_end=(beta_end, "real"), shift=(shift, "real"),
+                    use_dynamic_shifting=(use_dynamic_shifting, "bool"), trained_betas=(trained_betas, "numbers?"),
+                    schedule_file=(schedule_file, "path?"))
         info = solver_info(solver)
         model_family = LEGACY_FAMILY_NAMES.get(model_family, model_family)
         if model_family not in MODEL_FAMILIES:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .safety.inputs import check_kinds
 from .schedules import EDM_RHO, TimeMap, check_sigmas, sigma_grid, vp_time_maps
 
 MAX_GAMMA = math.sqrt(2.0) - 1.0
@@ -59,6 +60,7 @@ def heun_step(x: Any, slope: Any, slope_next: Any, sigma: Any, sigma_next: Any, 
 
 def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
     """Raise a ValueError naming the parameter for churn settings outside their range."""
+    check_kinds(s_churn=(s_churn, "real"), s_tmin=(s_tmin, "real"), s_tmax=(s_tmax, "real"), s_noise=(s_noise, "real"))
     if not (math.isfinite(s_churn) and s_churn >= 0):
         raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn!r}")
     if not s_tmin >= 0:

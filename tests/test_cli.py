@@ -64,3 +64,21 @@ def test_fd_skipped_without_reference_data_is_said(tmp_path):
     result = run_sweep(SweepConfig(model=str(path), samplers=["edm-euler"], nfe=[2], num_samples=2, reference_steps=4,
                                    progress=False, quiet=True))
     assert any(note.startswith("Frechet distance skipped") and "--reference" in note for note in result["meta"]["notes"])
+
+
+def test_a_python_train_config_has_its_command_line():
+    """`config_argv` (the lock holder's command and the resume hint of a run started from Python)
+    gives arguments that the parser turns back into the same TrainConfig."""
+    import dataclasses
+
+    from edm_sampling.training.command import config_argv
+    from edm_sampling.training.config import TrainConfig
+
+    config = TrainConfig(output_dir="my run", lr=3e-4, steps=7, block_out_channels=(8, 16), resolution="8,16",
+                         random_flip=True, export=False, progress=False, overwrite=True, p_mean=-1.0)
+    argv = config_argv(config)
+    assert argv[0] == "train" and "--lr" in argv and "--no-export" in argv and "--channels" in argv
+    args = vars(build_parser().parse_args(argv))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert TrainConfig(**{k: v for k, v in args.items() if k in fields}) == config
+    assert config_argv(TrainConfig()) == ["train"]

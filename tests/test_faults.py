@@ -1,7 +1,8 @@
 """Faults and what happens: each row of the "faults and what happens" table (README.md, or
-docs/faults.md until the README carries it) is a test here, and each test that starts from
-files a user had checks that they are byte-identical afterwards. Kills, signals and races
-run in their own processes (tests/fault_jobs.py)."""
+docs/faults.md until the README carries it) is a test here or in tests/test_faults_*.py (the
+commands: test_faults_runs.py; bad input: test_faults_inputs.py), and each test that starts
+from files a user had checks that they are byte-identical afterwards. Kills, signals and races
+of the safety layer run in their own processes (tests/fault_jobs.py)."""
 
 from __future__ import annotations
 
@@ -567,7 +568,8 @@ def test_non_finite_weights_are_refused_naming_the_first_tensor():
 # ---- the table -------------------------------------------------------------------------------------
 
 def test_faults_table_and_suite_agree():
-    """Every row of the faults table names tests that exist here, and every test here is named."""
+    """Every row of the faults table names tests that exist, and every test of the fault suite
+    (tests/test_faults*.py) is named in it."""
     readme = (ROOT / "README.md").read_text()
     text = readme if "faults and what happens" in readme.lower() else (ROOT / "docs" / "faults.md").read_text()
     section = text[text.lower().index("faults and what happens"):].splitlines()
@@ -578,15 +580,20 @@ def test_faults_table_and_suite_agree():
             break
         table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     header, rows = table[0], table[2:]
-    assert header[0] == "fault" and header[-1] == "test" and len(rows) >= 15
-    here = {node.name for node in ast.parse(Path(__file__).read_text()).body
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    assert header[0] == "fault" and header[-1] == "test" and len(rows) >= 30
+
+    def tests_in(paths) -> set[str]:
+        return {node.name for path in paths for node in ast.parse(path.read_text()).body
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+    suite = tests_in(sorted(Path(__file__).parent.glob("test_faults*.py")))
+    everywhere = tests_in(sorted(Path(__file__).parent.glob("test_*.py")))
     named: set[str] = set()
     for row in rows:
         assert len(row) == len(header) and all(row), row
         names = re.findall(r"`(test_\w+)`", row[-1])
         assert names, f"this row names no test: {row}"
-        missing = set(names) - here
-        assert not missing, f"the faults table names {missing}, which tests/test_faults.py does not have"
+        missing = set(names) - everywhere
+        assert not missing, f"the faults table names {missing}, which no file in tests/ has"
         named |= set(names)
-    assert here - named == {"test_faults_table_and_suite_agree"}, f"tests missing from the table: {here - named}"
+    assert suite - named == {"test_faults_table_and_suite_agree"}, f"tests missing from the table: {suite - named}"

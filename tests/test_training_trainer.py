@@ -73,9 +73,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, digits8):
 
 
 def test_bad_input_rejected_before_training(tmp_path, digits8):
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size: must be an integer >= 1, got 0"):
         Trainer(_config(tmp_path, batch_size=0))
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ValueError, match="loss: must be one of edm, vp, ve, ddpm"):
         Trainer(_config(tmp_path, loss="l1"))
     with pytest.raises(ValueError, match="divisible"):
         Trainer(_config(tmp_path, batch_size=6, grad_accum=4), digits8)
@@ -94,12 +94,12 @@ def test_bad_input_rejected_before_training(tmp_path, digits8):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / CHECKPOINT_NAME).write_bytes(b"precious")
-    with pytest.raises(ValueError, match="--resume .* or --overwrite"):
+    with pytest.raises(ValueError, match="holds a run with a checkpoint .*--resume .* or --overwrite"):
         Trainer(_config(tmp_path, "existing"), digits8)
     assert (existing / CHECKPOINT_NAME).read_bytes() == b"precious"
     with pytest.raises(ValueError, match="no checkpoint"):
         Trainer(_config(tmp_path, "nothing", resume=True), digits8)
-    with pytest.raises(ValueError, match="resume and overwrite"):
+    with pytest.raises(ValueError, match="resume: cannot be used together with --overwrite"):
         Trainer(_config(tmp_path, "existing", resume=True, overwrite=True), digits8)
 
 

@@ -50,7 +50,10 @@ def _float_list(text: str) -> list[float]:
 
 
 def _str_list(text: str) -> list[str]:
-    return [v for v in text.replace(",", " ").split() if v]
+    names = [v for v in text.replace(",", " ").split() if v]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int, batch_size: int) -> None:
@@ -77,7 +80,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int, batc
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", "--output", dest="output", default=None, metavar="DIR",
                        help="output folder (default bench_results/<model>); --output is an alias")
-    group.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the results in an existing output folder (only files edm_sampling wrote; yours are kept)")
     group.add_argument("--grid-images", type=int, default=64, help="images per sample grid (0: no grids)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -162,11 +166,15 @@ def _setting_group(members: list[list[float]]) -> str:
 def tune_main(args) -> int:
     """Run `edm-sampling tune`: print the grid, the best churn setting and whether its win is
     larger than the metric's noise."""
+    from ..safety import InvalidArgument
     from .tune import run_tune
 
     config = _config_from_args(args, nfe=[args.nfe], samplers=[], tune=True)
-    result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
-                      s_noise=args.s_noise, bootstrap=args.bootstrap)
+    try:
+        result = run_tune(config, base=args.sampler, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
+                          s_noise=args.s_noise, bootstrap=args.bootstrap)
+    except InvalidArgument as error:  # run_tune's `base` is the flag --sampler
+        raise error.renamed("sampler") if error.name == "base" else error
     if not result:
         return 0
     from .report import format_table

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..safety import InvalidArgument
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 
@@ -226,7 +228,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"--inception: {path} does not hold a state dict (got {type(state).__name__})")
+        raise InvalidArgument("inception", f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
 
 
@@ -239,13 +241,13 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--inception: no such file {path}")
+        raise InvalidArgument("inception", f"no such file {path}")
     try:
         state = _read_state_dict(path)
     except ValueError:
         raise
     except Exception as error:  # unreadable / not a torch file
-        raise ValueError(f"--inception: cannot read a state dict from {path}: {error}") from error
+        raise InvalidArgument("inception", f"cannot read a state dict from {path}: {error}") from error
     model = FIDInceptionV3()
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -260,8 +262,8 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
             detail.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
         if wrong:
             detail.append(f"{len(wrong)} with the wrong shape, e.g. {wrong[:3]}")
-        raise ValueError(
-            f"--inception: {path} is not an Inception-v3 FID state dict: " + "; ".join(detail)
+        raise InvalidArgument(
+            "inception", f"{path} is not an Inception-v3 FID state dict: " + "; ".join(detail)
         )
     filtered = {k: state[k] for k in expected if k in state}
     if "fc.weight" in state and tuple(state["fc.weight"].shape) == tuple(model.fc.weight.shape):

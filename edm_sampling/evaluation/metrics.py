@@ -165,9 +165,13 @@ def load_or_compute_statistics(
                 return data["mu"].astype(np.float64), data["sigma"].astype(np.float64), True
     mu, sigma = feature_statistics(compute())
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..safety import atomic_write
+
         extra = {"description": np.array(json.dumps(description or {}, sort_keys=True))}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, **extra)
-        tmp.replace(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would add ".npz" to a name
+                np.savez(handle, mu=mu, sigma=sigma, **extra)
+
+        atomic_write(path, write)
     return mu, sigma, False

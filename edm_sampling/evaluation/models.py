@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..families import EDM, VE
+from ..safety.inputs import InvalidArgument, read_json_object, read_pipeline_index
 from ..schedules import EDM_SIGMA_MAX, EDM_SIGMA_MIN, clamp_sigma_range
 
 BUILTIN_MODELS = ("mixture", "gaussian", "digits")
@@ -94,7 +95,7 @@ def builtin_model(name: str = "mixture") -> BenchModel:
     from ..oracles import REFERENCE_RTOL, builtin_oracle, load_digits, solve_probability_flow_ode
 
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"--model: the built-in models are {BUILTIN_MODELS}, got {name!r} (or give a folder path)")
+        raise InvalidArgument("model", f"the built-in models are {BUILTIN_MODELS}, got {name!r} (or give a folder path)")
     unet = OracleUNet2DModel(dataset=name, coordinates="basis" if name == "mixture" else "pixel").eval()
     oracle = builtin_oracle(name) if name == "mixture" else unet.oracle  # the data, in image space
     scheduler_config = dict(DDPMScheduler(clip_sample=False).config)
@@ -150,13 +151,6 @@ def builtin_model(name: str = "mixture") -> BenchModel:
     )
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--model: cannot read {path}: {error}") from error
-
-
 def _load_component(root: Path, name: str, spec: Any) -> Any:
     """Load component `name` of a pipeline folder from its [library, class] entry in model_index.json."""
     if not (isinstance(spec, (list, tuple)) and len(spec) == 2) or spec[0] is None:
@@ -166,28 +160,29 @@ def _load_component(root: Path, name: str, spec: Any) -> Any:
         module = importlib.import_module(library)
         cls = getattr(module, class_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"--model: component {name!r} needs {library}.{class_name}, which cannot be imported: {error}") from error
+        raise InvalidArgument("model", f"component {name!r} needs {library}.{class_name}, which cannot be imported: {error}") from error
     try:
         return cls.from_pretrained(str(root / name))
     except Exception as error:  # surfaced as a clear input error
-        raise ValueError(f"--model: cannot load component {name!r} ({class_name}) from {root / name}: {error}") from error
+        raise InvalidArgument("model", f"cannot load component {name!r} ({class_name}) from {root / name}: {error}") from error
 
 
 def check_model_folder(path: str | Path) -> dict:
-    """Validate a diffusers folder and return its model_index.json (before anything is loaded)."""
+    """Validate a diffusers folder and return its model_index.json (before anything is loaded):
+    every component's JSON files are read (`safety.inputs.read_pipeline_index`)."""
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"--model: {str(path)!r} is neither a built-in model {BUILTIN_MODELS} nor a folder")
+        raise InvalidArgument("model", f"{str(path)!r} is neither a built-in model {BUILTIN_MODELS} nor a folder")
     index_path = root / "model_index.json"
     if not index_path.is_file():
-        raise ValueError(
-            f"--model: {root} is not a diffusers model folder (no model_index.json); save one with pipeline.save_pretrained(path)"
+        raise InvalidArgument(
+            "model", f"{root} is not a diffusers model folder (no model_index.json); save one with pipeline.save_pretrained(path)"
         )
-    index = _read_json(index_path)
+    index = read_pipeline_index("model", root)
     if "unet" not in index:
-        raise ValueError(f"--model: {root} has no 'unet' component in model_index.json (components: {sorted(k for k in index if not k.startswith('_'))})")
+        raise InvalidArgument("model", f"{root} has no 'unet' component in model_index.json (components: {sorted(k for k in index if not k.startswith('_'))})")
     if "scheduler" not in index or not (root / "scheduler" / "scheduler_config.json").is_file():
-        raise ValueError(f"--model: {root} has no scheduler/scheduler_config.json")
+        raise InvalidArgument("model", f"{root} has no scheduler/scheduler_config.json")
     return index
 
 
@@ -203,11 +198,11 @@ def load_model(
         return builtin_model(str(path))
     root = Path(path)
     index = check_model_folder(root)
-    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json_object("model", root / "scheduler" / "scheduler_config.json")
     scheduler_class = scheduler_config.get("_class_name", "")
     is_sd = "text_encoder" in index and "vae" in index
     if is_sd and not prompt:
-        raise ValueError(f"--prompt: {root} is a text-to-image model; give a prompt to sample it with")
+        raise InvalidArgument("prompt", f"{root} is a text-to-image model; give a prompt to sample it with")
     unet = _load_component(root, "unet", index["unet"])
     unet = unet.to(device).eval().requires_grad_(False)
     if unet.dtype != dtype:
@@ -243,9 +238,9 @@ def _denoiser_of_folder(root: Path, net: Any, scheduler_config: dict) -> tuple[A
     try:
         reading = read_scheduler_config(scheduler_config)
     except ValueError as error:
-        raise ValueError(f"--model: the scheduler of {root} cannot be read: {error}") from error
+        raise InvalidArgument("model", f"the scheduler of {root} cannot be read: {error}") from error
     if not isinstance(reading.family, (DiscreteVP, VE, EDM)):
-        raise ValueError(f"--model: {root} is a {reading.family.name!r} model; bench runs discrete VP (DDPM-family), VE and EDM models")
+        raise InvalidArgument("model", f"{root} is a {reading.family.name!r} model; bench runs discrete VP (DDPM-family), VE and EDM models")
     return reading, PreconditionedDenoiser(net, reading.family)
 
 

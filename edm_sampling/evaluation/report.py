@@ -1,19 +1,22 @@
 """Writing a sweep's results: the screen table, CSV, JSON, the quality-vs-NFE plot, sample grids.
 
-Everything goes into one output folder, which `prepare_output_dir` refuses to reuse unless the
-user passed `--overwrite`, so nothing a user saved is replaced silently.
+Everything goes into one output folder, which `check_output_dir` refuses to reuse unless the
+user passed `--overwrite`, and then only the package's own files are replaced (`sweep.open_output_folder`).
+Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..safety import InvalidArgument, atomic_write, atomic_write_text
 
 COLUMNS = (
     "sampler",
@@ -34,32 +37,17 @@ OURS, DIFFUSERS = "edm_sampling", "diffusers"
 OUTPUT_FILES = ("results.csv", "results.json", "quality_vs_nfe.png")
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create the output folder; a non-empty existing one is an error unless `overwrite`.
-
-    With `overwrite`, only the files this tool writes (results.*, the plot, grids/) are
-    removed; anything else the user keeps there stays.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output: {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--output: {path} already exists and is not empty; pass --overwrite to replace its results")
-        for name in OUTPUT_FILES + ("tune.csv", "tune.json"):
-            (path / name).unlink(missing_ok=True)
-        shutil.rmtree(path / "grids", ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def check_output_dir(path: str | Path, overwrite: bool = False) -> None:
-    """The check of `prepare_output_dir` without creating anything (run before any sampling)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output: {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"--output: {path} already exists and is not empty; pass --overwrite to replace its results")
+    """`InvalidArgument` if ``path`` is a file, or a folder holding files (other than the safety
+    layer's own) and ``overwrite`` is not set: results are never replaced without --overwrite.
+    With it, `sweep.open_output_folder` replaces only what edm_sampling wrote."""
+    from ..safety.inputs import output_folder
+    from ..safety.runfolder import files_below
+
+    path = output_folder("output", path)
+    if path.is_dir() and files_below(path) and not overwrite:
+        raise InvalidArgument("output", f"{path} already exists and is not empty; pass --overwrite to replace its results "
+                                        "(files edm_sampling did not write there are kept)")
 
 
 def _format(value: Any) -> str:
@@ -204,14 +192,16 @@ def format_report(result: dict) -> str:
 
 
 def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None) -> None:
-    """One line per row; the columns are `columns` or the union of the rows' keys; NaN is left blank."""
+    """One line per row, written atomically; the columns are `columns` or the union of the rows'
+    keys; NaN is left blank."""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if _is_nan(row.get(k)) else row.get(k, "") for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if _is_nan(row.get(k)) else row.get(k, "") for k in columns})
+    atomic_write_text(path, text.getvalue())
 
 
 def _is_nan(value: Any) -> bool:
@@ -234,10 +224,13 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(payload: dict, path: str | Path) -> None:
-    """`payload` as indented JSON (NaN and inf written as null)."""
-    with open(path, "w") as handle:
-        json.dump(_json_safe(payload), handle, indent=2)
-        handle.write("\n")
+    """`payload` as indented JSON (NaN and inf written as null), written atomically."""
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, written atomically."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p", "d", "8")
@@ -332,7 +325,7 @@ def plot_quality_vs_nfe(rows: Sequence[dict], path: str | Path, title: str = "",
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / (4.6 * count + 2.6), 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

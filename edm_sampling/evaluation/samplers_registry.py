@@ -59,6 +59,8 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..safety import InvalidArgument
+
 if TYPE_CHECKING:  # torch is imported when a sampler runs, so `edm-sampling --help` stays fast
     import torch
 
@@ -170,7 +172,7 @@ def resolve_samplers(names: list[str] | tuple[str, ...] | None) -> list[SamplerS
     names = list(names) if names else list(DEFAULT_SAMPLERS)
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
-        raise ValueError(f"--samplers: unknown sampler(s) {unknown}; choose from {sorted(SAMPLERS)}")
+        raise InvalidArgument("samplers", f"unknown sampler(s) {unknown}; choose from {sorted(SAMPLERS)}")
     return [SAMPLERS[n] for n in dict.fromkeys(names)]
 
 
@@ -320,7 +322,7 @@ def _run_scheduler(spec, model, latents, steps, generators, model_kwargs) -> Run
     from ..denoisers import network_output
 
     if model.unet is None or model.scheduler_config is None:
-        raise ValueError(f"--samplers: {spec.name} needs a discrete VP (DDPM-family) model; {model.name} is not one")
+        raise InvalidArgument("samplers", f"{spec.name} needs a discrete VP (DDPM-family) model; {model.name} is not one")
     scheduler = build_scheduler(spec, model.scheduler_config)
     scheduler.set_timesteps(steps, device=latents.device)
     # as pipelines do: pass the per-sample generators only to a `step` that takes them

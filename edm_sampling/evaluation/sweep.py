@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice, existing_path, output_folder
 from . import metrics
 from .samplers_registry import DEFAULT_NFE, SamplerSpec, describe, resolve_samplers, run_sampler
 
@@ -74,38 +75,91 @@ class SweepConfig:
     extra_specs: list = field(default_factory=list)
 
     def validate(self) -> list[SamplerSpec]:
-        """Raise ValueError naming the bad option; returns the sampler specs."""
-        nfe = list(self.nfe)
-        if not nfe:
-            raise ValueError("--nfe: give at least one target NFE")
+        """`InvalidArgument` naming the first bad option (the CLI shows its flag), every input file
+        read far enough to know it is usable; returns the sampler specs."""
+        nfe = self.nfe
+        if isinstance(nfe, (str, bytes)) or not isinstance(nfe, Sequence) or not nfe:
+            raise InvalidArgument("nfe", f"give one or more target NFEs, got {nfe!r}")
         for value in nfe:
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--nfe: every target NFE must be an integer >= 1, got {value!r}")
-        if self.num_samples < 2:
-            raise ValueError(f"--num-samples must be >= 2 (a covariance needs two samples), got {self.num_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.reference_steps != 0 and self.reference_steps < 4:
-            raise ValueError(f"--reference-steps must be 0 (no ODE error) or >= 4, got {self.reference_steps}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.grid_images < 0:
-            raise ValueError(f"--grid-images must be >= 0, got {self.grid_images}")
+            NFE.check("nfe", value)
+        for name, rule in NUMBER_OPTIONS.items():
+            rule.check(name, getattr(self, name))
+        if self.reference_steps in (1, 2, 3):
+            raise InvalidArgument("reference_steps", f"must be 0 (no ODE error) or an integer >= 4, got {self.reference_steps}")
+        check_choice("dtype", self.dtype, DTYPES)
+        for name in ("overwrite", "progress", "quiet", "ode_errors"):
+            check_bool(name, getattr(self, name))
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise InvalidArgument("prompt", f"must be a text or None, got {self.prompt!r}")
+        if self.samplers is not None and (isinstance(self.samplers, (str, bytes)) or not isinstance(self.samplers, Sequence)):
+            raise InvalidArgument("samplers", f"must be a list of sampler names, got {self.samplers!r}")
+        if self.samplers is not None and not self.samplers and not self.extra_specs:
+            raise InvalidArgument("samplers", "give at least one sampler name (or None for all of them)")
         specs = resolve_samplers(self.samplers) if self.samplers or not self.extra_specs else []
         specs = specs + list(self.extra_specs)
         if self.output is not None:
             from .report import check_output_dir
 
             check_output_dir(self.output, self.overwrite)
-        if self.inception is not None and not Path(self.inception).is_file():
-            raise ValueError(f"--inception: no such file {self.inception}")
-        if self.reference is not None and not Path(self.reference).exists():
-            raise ValueError(f"--reference: no such file or folder {self.reference}")
+        if self.stats_cache is not None:
+            output_folder("stats_cache", self.stats_cache)
+        if self.inception is not None:
+            existing_path("inception", self.inception)
+        if self.reference is not None:
+            check_reference(self.reference)
         from .models import BUILTIN_MODELS, check_model_folder
 
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise InvalidArgument("model", f"must be a built-in model {BUILTIN_MODELS} or a folder, got {self.model!r}")
         if str(self.model) not in BUILTIN_MODELS:
             check_model_folder(self.model)
         return specs
+
+
+NFE = Number(1, integer=True)
+NUMBER_OPTIONS = {
+    "num_samples": Number(2, integer=True),  # a covariance needs two samples
+    "batch_size": Number(1, integer=True),
+    "seed": SEED,
+    "reference_steps": Number(0, integer=True),
+    "guidance_scale": Number(0),
+    "grid_images": Number(0, integer=True),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def reference_image_files(path: Path) -> list[Path]:
+    """The images of a --reference folder, sorted."""
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_reference(reference: Any) -> None:
+    """``--reference`` before any work: an .npz with arrays mu [d] and sigma [d, d], or a folder of
+    at least 2 images, each of which opens and passes PIL's integrity check (`Image.verify`:
+    headers, chunk checksums). The pixels are decoded before sampling starts (`run_sweep`)."""
+    from PIL import Image
+
+    path = existing_path("reference", reference, folder=Path(str(reference)).is_dir(), what="file or folder")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise InvalidArgument("reference", f"{path} must be an .npz with arrays mu and sigma, or a folder of images")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mu, sigma = (data[key] if key in data else None for key in ("mu", "sigma"))
+        except Exception as error:  # OSError, ValueError, zipfile.BadZipFile, ...: a damaged file
+            raise InvalidArgument("reference", f"cannot read {path} as an .npz: {error}") from None
+        if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise InvalidArgument("reference", f"{path} must hold arrays 'mu' [d] and 'sigma' [d, d]")
+        return
+    files = reference_image_files(path)
+    if len(files) < 2:
+        raise InvalidArgument("reference", f"{path} holds fewer than 2 images ({', '.join(IMAGE_SUFFIXES)})")
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for damaged files
+            raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
 
 
 def _chunks(num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -201,29 +255,31 @@ def _default_cache_dir() -> Path:
     return Path(base) / "edm_sampling" / "fd_stats"
 
 
-def _load_reference_images(path: Path, channels: int = 3) -> torch.Tensor:
-    """A folder of images as [N, C, H, W] in [-1, 1], converted to the samples' channel count."""
+def _load_reference_images(path: Path, channels: int = 3, limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` (all) images of a folder as [N, C, H, W] in [-1, 1], converted to the
+    samples' channel count; `InvalidArgument` naming a file that does not decode."""
     from PIL import Image
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-    if len(files) < 2:
-        raise ValueError(f"--reference: {path} holds fewer than 2 images (png/jpg/bmp/webp)")
     mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(Image.open(f).convert(mode), dtype=np.float32).reshape(*Image.open(f).size[::-1], -1) for f in files]
+    arrays = []
+    for file in reference_image_files(path)[:limit]:
+        try:
+            with Image.open(file) as image:
+                arrays.append(np.asarray(image.convert(mode), dtype=np.float32).reshape(image.height, image.width, -1))
+        except Exception as error:  # PIL raises many types for damaged files
+            raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
     if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"--reference: the images in {path} must all have one size")
+        raise InvalidArgument("reference", f"the images in {path} must all have one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def reference_statistics(config: SweepConfig, model, features, image_shape) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(mu, sigma, info) of the data features, from --reference or the built-in data, cached in an .npz."""
     if config.reference is not None and config.reference.endswith(".npz"):
-        with np.load(config.reference) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"--reference: {config.reference} must hold arrays 'mu' and 'sigma'")
+        with np.load(config.reference, allow_pickle=False) as data:  # its arrays were checked by check_reference
             dim = features.describe(image_shape)["dim"]
             if data["mu"].shape != (dim,):
-                raise ValueError(f"--reference: {config.reference} holds {data['mu'].shape[0]}-d statistics; "
+                raise InvalidArgument("reference", f"{config.reference} holds {data['mu'].shape[0]}-d statistics; "
                                  f"the samples' {features.name} features are {dim}-d")
             return data["mu"], data["sigma"], {"source": config.reference}
     if config.reference is not None:
@@ -271,18 +327,20 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     return notes
 
 
-def run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
+def run_sweep(config: SweepConfig, model=None, folder=None) -> dict[str, Any]:
     """Run the sweep; on the main process returns {"rows", "meta", "samples", "features",
     "reference_statistics"} and writes the outputs when `config.output` is set; other
     processes return {}. `model`: an already loaded `BenchModel` for config.model (else it is
-    loaded here). The built-in models run on one CPU thread (restored afterwards): their
+    loaded here). `folder`: the output folder, already opened (`open_output_folder`) by a caller
+    that writes more into it (tune); else the main process opens it itself, before any work, and
+    commits it after writing. The built-in models run on one CPU thread (restored afterwards): their
     tensors are too small for threads to pay off, and threads stall when the CPU is shared;
     use several processes (torchrun) to use more cores."""
     threads = torch.get_num_threads()
     if str(config.model) in _builtin_models():
         torch.set_num_threads(1)
     try:
-        return _run_sweep(config, model)
+        return _run_sweep(config, model, folder)
     finally:
         torch.set_num_threads(threads)
 
@@ -293,10 +351,72 @@ def _builtin_models() -> tuple[str, ...]:
     return BUILTIN_MODELS
 
 
-def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
-    wall_start = time.perf_counter()
+def _run_sweep(config: SweepConfig, model=None, folder=None) -> dict[str, Any]:
     specs = config.validate()
     rank, world, device, gather, barrier = _distributed()
+    nfes = sorted(dict.fromkeys(int(n) for n in config.nfe))
+    own = folder is None and config.output is not None and rank == 0
+    if own:
+        folder = agree(gather, lambda: open_output_folder(config, sweep_outputs(config, specs, nfes)))
+    else:
+        agree(gather, lambda: None)
+    try:
+        result = _sweep(config, specs, nfes, model, rank, world, device, gather, barrier)
+        if own and result:
+            folder.commit()
+        return result
+    finally:
+        if own:
+            folder.__exit__(None, None, None)
+
+
+def agree(gather, work: Callable[[], Any]) -> Any:
+    """``work()`` on this process, then every process learns whether it failed on any (a
+    ValueError there is raised everywhere), so that none waits forever for one that gave up."""
+    result, error = None, None
+    try:
+        result = work()
+    except ValueError as caught:
+        error = caught
+    errors = [e for e in gather([error]) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def sweep_outputs(config: SweepConfig, specs: Sequence[SamplerSpec], nfes: Sequence[int]) -> list[str]:
+    """The files a sweep writes in its output folder (known before it runs)."""
+    from .report import OUTPUT_FILES
+
+    grids = [grid_name(spec.name, nfe) for spec in specs for nfe in nfes] if config.grid_images else []
+    return list(OUTPUT_FILES) + grids
+
+
+def grid_name(sampler: str, nfe: int) -> str:
+    """The sample grid of one sampler at one NFE, inside the output folder."""
+    return f"grids/{_safe(sampler)}_nfe{nfe}.png"
+
+
+def open_output_folder(config: SweepConfig, outputs: Sequence[str]):
+    """The output folder as a `RunFolder` (lock, clean-up, manifest), entered: the rule of
+    ``--overwrite`` checked again with the lock held, and every file at ``outputs`` one that
+    edm_sampling wrote (a user's file there is refused, never replaced). Leave it with
+    ``__exit__``; ``commit`` after writing deletes the earlier results this run did not rewrite."""
+    from ..safety import RunFolder
+    from .report import check_output_dir
+
+    folder = RunFolder(config.output).__enter__()
+    try:
+        check_output_dir(config.output, config.overwrite)
+        folder.check_replaceable(folder.root / name for name in outputs)
+    except BaseException:
+        folder.__exit__(None, None, None)
+        raise
+    return folder
+
+
+def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> dict[str, Any]:
+    wall_start = time.perf_counter()
     features = _features(config, device)  # loads --inception now: a bad file fails before sampling
     from .models import load_model
 
@@ -310,11 +430,11 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
         specs = [s for s in specs if s.runner != "scheduler"]  # default list: only the core applies (VE / EDM models)
     if any(s.runner == "scheduler" for s in specs) and model.unet is None:
         names = [s.name for s in specs if s.runner == "scheduler"]
-        raise ValueError(f"--samplers: {names} need a discrete VP (DDPM-family) model; {config.model} is not one")
+        raise InvalidArgument("samplers", f"{names} need a discrete VP (DDPM-family) model; {config.model} is not one")
 
     chunks = _chunks(config.num_samples, config.batch_size, config.seed)
     mine = [k for k in range(len(chunks)) if k % world == rank]
-    nfes = sorted(dict.fromkeys(int(n) for n in config.nfe))
+    inputs = agree(gather, lambda: _read_inputs(config, model, features, device, dtype) if rank == 0 else None)
     fd_available = config.reference is not None or model.reference_images is not None
     notes = _notes(config, specs, nfes, model, skipped, fd_available)
     if rank == 0 and not config.quiet:
@@ -364,7 +484,8 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
         barrier()
         return {}
     ref_check = next((c for c in checks if c is not None), None)
-    result = _assemble(config, specs, nfes, model, features, records, ref_check)
+    result = _assemble(config, specs, nfes, model, features, records, ref_check, inputs["statistics"])
+    result["true_images"] = inputs["true_images"]
     result["meta"]["notes"] = notes
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
@@ -374,13 +495,24 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
     return result
 
 
-def _assemble(config, specs, nfes, model, features, records, ref_check) -> dict[str, Any]:
+def _read_inputs(config: SweepConfig, model, features, device, dtype) -> dict[str, Any]:
+    """Everything the sweep reads from the user's files, read before sampling (a damaged image
+    fails now, not after the sweep): the reference statistics (the --reference images decoded,
+    unless cached) and the true images shown beside the sample grids."""
+    with torch.no_grad():
+        image_shape = tuple(model.to_image(torch.zeros(1, *model.sample_shape, device=device, dtype=dtype)).shape[1:])
+    truth = None
+    if config.output is not None and config.grid_images:
+        truth = _true_images(config, model, config.grid_images, image_shape[0])
+    return {"statistics": reference_statistics(config, model, features, image_shape), "true_images": truth}
+
+
+def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -> dict[str, Any]:
     by_run: dict[tuple, list] = {}
     for r in records:
         by_run.setdefault((r["sampler"], r["nfe_target"]), []).append(r)
     first = next(iter(by_run.values()))
     image_shape = tuple(model.to_image(first[0]["sample"][:1].to(_param_device(model))).shape[1:])
-    stats = reference_statistics(config, model, features, image_shape)
     reference = None if stats is None else metrics.FrechetReference(stats[0], stats[1])
     rows, samples, sample_features = [], {}, {}
     for spec in specs:
@@ -465,20 +597,20 @@ def _versions() -> dict:
 
 def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Path:
     """results.csv, results.json, quality_vs_nfe.png and grids/<sampler>_nfe<N>.png (each
-    titled, beside a grid of true data where the model can draw it) in config.output."""
+    titled, beside a grid of true data where the model can draw it) in config.output, each
+    written atomically (inside an open `open_output_folder`, each is recorded as the package's)."""
     from ..images import save_titled_grids
-    from .report import COLUMNS, plot_quality_vs_nfe, prepare_output_dir, write_csv, write_json
+    from .report import COLUMNS, plot_quality_vs_nfe, write_csv, write_json
 
-    out = prepare_output_dir(config.output, config.overwrite)
+    out = Path(config.output)
     rows, meta = result["rows"], result["meta"]
     write_csv(rows, out / "results.csv", COLUMNS)
     write_json({"rows": rows, "meta": meta}, out / "results.json")
     plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
                         f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
     if config.grid_images:
-        (out / "grids").mkdir(exist_ok=True)
         channels = next(iter(result["samples"].values())).shape[1]
-        truth = _true_images(config, model, config.grid_images, channels)
+        truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, channels)
         lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
         for (name, nfe), images in result["samples"].items():
             row = lookup[(name, nfe)]
@@ -486,8 +618,7 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
             panels = [(f"{name}: {shown} of {len(images)} samples", images[:shown])]
             if truth is not None:
                 panels.append((f"true data: {len(truth)} draws", truth))
-            save_titled_grids(panels, out / "grids" / f"{_safe(name)}_nfe{nfe}.png", title=_grid_title(row),
-                              max_images=config.grid_images)
+            save_titled_grids(panels, out / grid_name(name, nfe), title=_grid_title(row), max_images=config.grid_images)
     return out
 
 
@@ -495,7 +626,7 @@ def _true_images(config: SweepConfig, model, n: int, channels: int) -> torch.Ten
     """n data images to show beside the samples: draws of a built-in model, or the first of a
     --reference image folder; None when neither exists."""
     if config.reference is not None and not config.reference.endswith(".npz"):
-        return _load_reference_images(Path(config.reference), channels)[:n]
+        return _load_reference_images(Path(config.reference), channels, limit=n)
     if model is not None and model.data_draws is not None:
         return model.data_draws(n, 0)
     return None

@@ -23,27 +23,29 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..safety.inputs import InvalidArgument, Number
 from .samplers_registry import SAMPLERS, ours_names, with_churn
 
 Setting = tuple[float, float, float, float]
+CHURN_VALUES = {"s_churn": Number(0, allow_inf=True), "s_tmin": Number(0, allow_inf=True),
+                "s_tmax": Number(0, allow_inf=True), "s_noise": Number(0, low_open=True)}
 DETERMINISTIC: Setting = (0.0, 0.0, math.inf, 1.0)
 
 
 def churn_grid(s_churn: Sequence[float], s_tmin: Sequence[float], s_tmax: Sequence[float], s_noise: Sequence[float]) -> list[Setting]:
-    """All combinations; S_churn = 0 (deterministic, where the others do nothing) appears once."""
-    for name, values in (("--s-churn", s_churn), ("--s-tmin", s_tmin), ("--s-tmax", s_tmax), ("--s-noise", s_noise)):
-        if not values:
-            raise ValueError(f"{name}: give at least one value")
-        if any(not math.isfinite(v) and v != math.inf or v < 0 for v in values):
-            raise ValueError(f"{name}: values must be >= 0, got {list(values)}")
-    if any(v <= 0 for v in s_noise):
-        raise ValueError(f"--s-noise: values must be > 0, got {list(s_noise)}")
+    """All combinations; S_churn = 0 (deterministic, where the others do nothing) appears once.
+    Each list must hold one or more values allowed by `CHURN_VALUES` (`InvalidArgument` otherwise)."""
+    for name, values in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise InvalidArgument(name, f"give a list of one or more values, got {values!r}")
+        for value in values:
+            CHURN_VALUES[name].check(name, value)
     grid = [DETERMINISTIC]
     for churn, tmin, tmax, noise in itertools.product(s_churn, s_tmin, s_tmax, s_noise):
         if churn == 0:
             continue
         if tmax < tmin:
-            raise ValueError(f"--s-tmax: every S_tmax must be >= every S_tmin, got S_tmin={tmin} > S_tmax={tmax}")
+            raise InvalidArgument("s_tmax", f"every S_tmax must be >= every S_tmin, got S_tmin={tmin} > S_tmax={tmax}")
         grid.append((float(churn), float(tmin), float(tmax), float(noise)))
     return list(dict.fromkeys(grid))
 
@@ -91,34 +93,62 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     {"grid": rows sorted by FD, "best": row, "deterministic_fd", "duplicates", "meta"} on the
     main process (rows carry fd_std and fd_delta_std from `bootstrap` resamples)."""
     from ..solvers import solver_info
-    from .models import load_model
-    from .samplers_registry import core_sigmas
-    from .report import write_csv, write_json
-    from .sweep import DTYPES, run_sweep
+    from .sweep import _distributed, agree, open_output_folder, sweep_outputs
 
     churn_capable = [n for n in ours_names() if solver_info(SAMPLERS[n].solver).churn]
     if base not in churn_capable:
-        raise ValueError(f"--sampler: churn applies to {churn_capable} (Euler and Heun), got {base!r}")
-    if len(list(config.nfe)) != 1:
-        raise ValueError("--nfe: tune takes a single NFE")
-    if bootstrap < 0 or bootstrap == 1:
-        raise ValueError(f"--bootstrap must be 0 (none) or >= 2, got {bootstrap}")
+        raise InvalidArgument("base", f"churn applies to {churn_capable} (Euler and Heun), got {base!r}")
+    if isinstance(config.nfe, (str, bytes)) or len(list(config.nfe)) != 1:
+        raise InvalidArgument("nfe", "tune takes a single NFE")
+    if not Number(0, integer=True).accepts(bootstrap) or bootstrap == 1:
+        raise InvalidArgument("bootstrap", f"must be 0 (none) or an integer >= 2, got {bootstrap!r}")
     grid = churn_grid(s_churn, s_tmin, s_tmax, s_noise)
     config.samplers, config.ode_errors = [], False  # scored by FD only
     config.extra_specs = [SAMPLERS[base]]
     config.validate()  # every bad option fails here, before the model is loaded
+    rank, _, _, gather, _ = _distributed()
+    folder = None
+    if config.output is not None and rank == 0:
+        folder = agree(gather, lambda: open_output_folder(config, sweep_outputs(config, [], config.nfe) + list(TUNE_FILES)))
+    else:
+        agree(gather, lambda: None)
+    try:
+        out = _tune(config, base, grid, bootstrap, folder, rank, gather)
+        if folder is not None and out:
+            folder.commit()
+        return out
+    finally:
+        if folder is not None:
+            folder.__exit__(None, None, None)
+
+
+TUNE_FILES = ("tune.csv", "tune.json", "tune.png")
+
+
+def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: int, gather) -> dict[str, Any]:
+    from .models import load_model
+    from .report import write_csv, write_json
+    from .samplers_registry import core_sigmas
+    from .sweep import DTYPES, agree, grid_name, run_sweep
+
     model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])
+    if config.reference is None and model.reference_images is None:
+        raise InvalidArgument("reference", f"tune scores by the Frechet distance to the data, and {config.model} has no "
+                                           "data of its own: give --reference (a folder of images or an .npz)")
     spec = SAMPLERS[base]
     steps = spec.steps_for_nfe(int(config.nfe[0]))
     sigmas = core_sigmas(spec, steps, model.sigma_min, model.sigma_max)
     groups = distinct_settings(grid, sigmas, getattr(model.denoiser, "round_sigma", None),
                                getattr(model.denoiser, "sigma_max", math.inf))
     config.extra_specs = [with_churn(spec, *setting) for setting in groups]
-    result = run_sweep(config, model=model)
+    if folder is not None and config.grid_images:
+        grids = [folder.root / grid_name(s.name, n) for s in config.extra_specs for n in config.nfe]
+        agree(gather, lambda: folder.check_replaceable(grids))
+    else:
+        agree(gather, lambda: None)
+    result = run_sweep(config, model=model, folder=folder)
     if not result:
         return {}
-    if all(math.isnan(r["fd"]) for r in result["rows"]):
-        raise ValueError("tune needs reference data for the Frechet distance: give --reference for a --model folder")
     features = {setting: result["features"][(row["sampler"], row["nfe_target"])] for setting, row in zip(groups, result["rows"])}
     std = diff_std = {}
     if bootstrap:
@@ -136,11 +166,11 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     if config.output is not None:
         from pathlib import Path
 
-        folder = Path(config.output)
-        write_csv(ranked, folder / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std", "fd_delta",
-                                                 "fd_delta_std", "sec_per_sample", "num_samples", "same_as", "sampler"])
-        write_json({key: value for key, value in out.items() if key != "meta"} | {"meta": result["meta"]}, folder / "tune.json")
-        plot_tune(rows, folder / "tune.png")
+        output = Path(config.output)
+        write_csv(ranked, output / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std",
+                                                "fd_delta", "fd_delta_std", "sec_per_sample", "num_samples", "same_as", "sampler"])
+        write_json({key: value for key, value in out.items() if key != "meta"} | {"meta": result["meta"]}, output / "tune.json")
+        plot_tune(rows, output / "tune.png")
     return out
 
 
@@ -151,6 +181,8 @@ def plot_tune(rows: list[dict], path) -> None:
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
+
+    from .report import save_figure
 
     fig, axis = plt.subplots(figsize=(7.4, 4.8))
     deterministic = next(r for r in rows if r["s_churn"] == 0)
@@ -172,5 +204,5 @@ def plot_tune(rows: list[dict], path) -> None:
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

@@ -8,6 +8,8 @@
   replaces only the package's own files and keeps everything else.
 - `GracefulStop` / `resume_command`: SIGINT / SIGTERM end a loop between steps.
 - `assert_finite_state`: no NaN / inf weights are saved as a model.
+- `inputs`: checks of what users type (`InvalidArgument` names the parameter; the CLI shows
+  the flag as typed).
 
 Nothing here imports torch at module level.
 """
@@ -17,13 +19,15 @@ from .errors import (
     CheckpointDamagedError,
     FolderContentsError,
     FolderLockedError,
+    NonFiniteOutputError,
     NonFiniteWeightsError,
     WriteFailedError,
 )
 from .finite import assert_finite_state
+from .inputs import InvalidArgument
 from .lock import FolderLock, LockHolder, lock_path
 from .runfolder import MANIFEST_NAME, RunFolder, file_sha256
-from .signals import GracefulStop, resume_command
+from .signals import GracefulStop, Stopped, resume_command
 
 __all__ = [
     "CheckpointDamagedError",
@@ -31,10 +35,13 @@ __all__ = [
     "FolderLock",
     "FolderLockedError",
     "GracefulStop",
+    "InvalidArgument",
     "LockHolder",
     "MANIFEST_NAME",
+    "NonFiniteOutputError",
     "NonFiniteWeightsError",
     "RunFolder",
+    "Stopped",
     "WriteFailedError",
     "append_text",
     "assert_finite_state",

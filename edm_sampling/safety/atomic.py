@@ -56,6 +56,11 @@ def _observer_for(path: Path) -> WriteObserver | None:
     return next((o for o in reversed(_observers) if o.covers(path)), None)
 
 
+def observed(path: str | os.PathLike) -> bool:
+    """Whether an open `RunFolder` records writes to ``path`` (it then guards what they replace)."""
+    return _observer_for(Path(path)) is not None
+
+
 def temp_path(path: Path, kind: str = "tmp") -> Path:
     """A fresh name beside ``path`` in our temporary pattern (``kind``: "tmp" or "old")."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.edm-{kind}")

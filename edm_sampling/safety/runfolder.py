@@ -95,6 +95,19 @@ def files_below(path: Path) -> list[Path]:
     return found
 
 
+def check_folder_replaceable(old: Path, new: Path) -> None:
+    """Replacing the folder ``old`` by ``new`` (outside a run folder, with no manifest to ask) may
+    not delete anything: `FolderContentsError` naming the files of ``old`` that ``new`` does not
+    have (a user's notes in an exported pipeline folder)."""
+    kept = {f.relative_to(new).as_posix() for f in files_below(new)}
+    lost = [f.relative_to(old).as_posix() for f in files_below(old) if f.relative_to(old).as_posix() not in kept]
+    if lost:
+        raise FolderContentsError(
+            f"{old}: replacing it would delete {_listing(lost)}, which edm_sampling would not write again; "
+            "move them out of the folder and run again (nothing was changed)"
+        )
+
+
 def _new_run_id() -> str:
     return f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -193,6 +206,21 @@ class RunFolder:
         path = self.root / path
         record = self._files.get(self._rel(path))
         return record is not None and record_matches(record, path)
+
+    def own_files(self) -> list[str]:
+        """Files in the folder that the package wrote and nobody changed since."""
+        return sorted(rel for rel in self._files if self.owned(rel))
+
+    def keep(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Record files this run found valid by its own check and uses as they are (a checkpoint
+        whose checksum holds, a cache whose key matches) as this run's: later writes may replace
+        them and `commit` keeps them, whoever wrote them."""
+        with self._mutex:
+            for path in paths:
+                path = self.root / path
+                if path.is_file():
+                    self._files[self._rel(path)] = file_record(path, self.run_id)
+                    self._unsaved = True
 
     def foreign_files(self) -> list[str]:
         """Files in the folder that the package did not write, or that changed since."""

@@ -28,6 +28,15 @@ from typing import NoReturn, Sequence
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Stopped(BaseException):
+    """SIGTERM outside a `GracefulStop` block, raised where the job is (as SIGINT raises
+    KeyboardInterrupt), so that locks are released and temporaries removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = int(signum)
+
+
 class GracefulStop:
     """Within the block, SIGINT / SIGTERM ask the loop to stop instead of interrupting it.
 

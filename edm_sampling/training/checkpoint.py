@@ -228,6 +228,18 @@ def _recovery_hint(path: Path) -> str:
     return f"the previous checkpoint {previous} (step {step}) is intact: to continue from it, run `{move}` and resume again, or start over with --overwrite"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint records, from its header alone (no checksum: for messages);
+    None if the header cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(length, 1 << 26)))
+        return int(json.loads(header["__metadata__"]["state"])["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check a checkpoint without keeping its tensors; returns its state (step, config, ...).
     Raises `CheckpointDamagedError` / ValueError like :func:`load_checkpoint`."""

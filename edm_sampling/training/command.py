@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `train` subcommand to the `edm-sampling` parser."""
     import dataclasses
 
-    from .config import TrainConfig
+    from .config import TrainConfig, parse_channels
 
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     model.add_argument("--p-std", type=float, default=d["p_std"], help="log-normal noise: std of ln sigma (default: %(default)s)")
     model.add_argument("--sigma-data", type=float, default=d["sigma_data"], help="data std for EDM preconditioning / weighting (default: %(default)s)")
     model.add_argument("--class-conditional", action="store_true", help="condition on class labels (class subfolders / digit labels)")
-    model.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=d["block_out_channels"],
+    model.add_argument("--channels", type=parse_channels, default=d["block_out_channels"],
                        dest="block_out_channels", help="new UNet: block widths, comma separated (default: 16,32,64)")
     model.add_argument("--layers-per-block", type=int, default=d["layers_per_block"], help="new UNet (default: %(default)s)")
     model.add_argument("--attention", action="store_true", help="new UNet: self-attention in the lowest-resolution block")
@@ -74,9 +74,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
-    group.add_argument("--overwrite", action="store_true", help="start over in an existing --output-dir")
+    group.add_argument("--overwrite", action="store_true", help="start a new run in an existing --output-dir: the old "
+                       "files stay until the new run replaces them; files edm_sampling did not write are kept")
     p.set_defaults(func=run)
     return p
+
+
+def config_argv(config) -> list[str]:
+    """The `edm-sampling` arguments that give ``config`` (a TrainConfig): every field that differs
+    from its default, as its flag (how a run started from Python is resumed from the shell)."""
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    defaults = type(config)()
+    argv = ["train"]
+    for action in train_parser._actions:
+        name = action.dest
+        if not action.option_strings or not hasattr(config, name) or name not in {f.name for f in dataclasses.fields(config)}:
+            continue
+        value = getattr(config, name)
+        if value == getattr(defaults, name):
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(action.option_strings[0])
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            argv += [action.option_strings[0], text]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = train(config)
+    result = train(config, argv=getattr(args, "argv", None))
     print(
         f"trained {result.steps} steps ({result.images_seen} images, {result.skipped_steps} skipped) "
         f"in {result.seconds:.1f} s, last loss {result.last_loss:.4f}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from edm_sampling.safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice
 
 LOSSES = ("edm", "vp", "ve", "ddpm")
 NOISE_DISTRIBUTIONS = ("lognormal", "ddpm")
@@ -18,24 +21,81 @@ RESUME_FIELDS = ("data", "dataset", "image_column", "caption_column", "pretraine
                  "layers_per_block", "attention", "dropout", "sigma_data", "grad_accum")
 
 
-def parse_resolution(value: Any) -> tuple[int, int] | None:
-    """``--resolution``: None, an int (square), "S", "H,W" or a pair -> (height, width)."""
+def parse_resolution(value: Any, name: str = "resolution") -> tuple[int, int] | None:
+    """``--resolution``: None, an int (square), "S", "H,W" (or "HxW") or a pair -> (height, width),
+    each side an integer >= 8; `InvalidArgument` naming ``name`` otherwise."""
     if value is None:
         return None
+    problem = InvalidArgument(name, f"must be a size S or H,W in pixels, each an integer >= {MIN_SIDE}, got {value!r}")
     if isinstance(value, str):
-        parts = [p.strip() for p in value.replace("x", ",").split(",") if p.strip()]
-        try:
-            value = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"--resolution must be a size S or H,W in pixels, got {value!r}") from None
-    if isinstance(value, int):
-        value = (value, value)
+        parts = [p.strip() for p in value.replace("x", ",").split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise problem
+        value = tuple(int(p) for p in parts)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    elif not isinstance(value, (tuple, list)):
+        raise problem
     value = tuple(value)
     if len(value) == 1:
         value = (value[0], value[0])
-    if len(value) != 2 or not all(isinstance(v, int) and v >= 8 for v in value):
-        raise ValueError(f"--resolution must be S or H,W with each side >= 8 pixels, got {value!r}")
+    if len(value) != 2 or not all(SIDE.accepts(v) for v in value):
+        raise problem
     return value
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    """``--channels 16,32,64`` -> (16, 32, 64); the values are checked by `TrainConfig.validate`."""
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 16,32,64, got {text!r}") from None
+
+
+MIN_SIDE = 8
+SIDE = Number(MIN_SIDE, integer=True)
+POSITIVE_INT = Number(1, integer=True)
+COUNT = Number(0, integer=True)
+POSITIVE = Number(0, low_open=True)
+PROBABILITY = Number(0, 1)
+# The numeric fields of TrainConfig and their allowed values (the CLI names them by their flags).
+NUMBER_FIELDS: dict[str, Number] = {
+    "p_mean": Number(),
+    "p_std": POSITIVE,
+    "steps": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "grad_accum": POSITIVE_INT,
+    "lr": Number(0, low_open=True, optional=True),
+    "lr_warmup_images": COUNT,
+    "max_grad_norm": Number(0, low_open=True, optional=True),
+    "ema_halflife_images": Number(0),
+    "ema_rampup_ratio": Number(0, low_open=True, optional=True),
+    "augment_p": PROBABILITY,
+    "caption_dropout": PROBABILITY,
+    "num_workers": COUNT,
+    "sigma_data": POSITIVE,
+    "layers_per_block": POSITIVE_INT,
+    "dropout": Number(0, 1, high_open=True),
+    "seed": SEED,
+    "checkpoint_every": POSITIVE_INT,
+    "log_every": POSITIVE_INT,
+    "sample_steps": POSITIVE_INT,
+    "num_samples": COUNT,
+    "guidance_scale": Number(1),
+}
+CHOICE_FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {  # name: (choices, None allowed)
+    "loss": (LOSSES, False),
+    "noise_distribution": (NOISE_DISTRIBUTIONS, True),
+    "loss_weighting": (LOSS_WEIGHTINGS, True),
+    "mixed_precision": (MIXED_PRECISION, False),
+    "export_scheduler": (EXPORT_SCHEDULERS, False),
+}
+BOOL_FIELDS = ("random_flip", "cache_latents", "class_conditional", "attention", "gradient_checkpointing", "resume",
+               "overwrite", "export", "progress")
+TEXT_FIELDS: dict[str, bool] = {  # name: None allowed (paths are checked when the run opens them)
+    "output_dir": False, "data": True, "dataset": True, "image_column": False, "caption_column": False,
+    "pretrained": True, "scheduler_config": True,
+}
 
 
 @dataclass
@@ -100,50 +160,37 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """ValueError naming the first bad field (as its CLI flag) and its allowed range."""
-        checks = [
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
-            (self.noise_distribution in (None, *NOISE_DISTRIBUTIONS),
-             f"--noise-distribution must be one of {NOISE_DISTRIBUTIONS}, got {self.noise_distribution!r}"),
-            (self.loss_weighting in (None, *LOSS_WEIGHTINGS),
-             f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}"),
-            (self.p_std > 0, f"--p-std must be > 0, got {self.p_std}"),
-            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.lr_warmup_images >= 0, f"lr_warmup_images must be >= 0, got {self.lr_warmup_images}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}"),
-            (self.ema_halflife_images >= 0, f"ema_halflife_images must be >= 0, got {self.ema_halflife_images}"),
-            (0.0 <= self.augment_p <= 1.0, f"augment_p must be in [0, 1], got {self.augment_p}"),
-            (0.0 <= self.caption_dropout <= 1.0, f"--caption-dropout must be in [0, 1], got {self.caption_dropout}"),
-            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
-            (self.sigma_data > 0, f"sigma_data must be > 0, got {self.sigma_data}"),
-            (len(self.block_out_channels) >= 1 and all(c >= 8 and c % 8 == 0 for c in self.block_out_channels),
-             f"block_out_channels must be multiples of 8, got {self.block_out_channels}"),
-            (self.layers_per_block >= 1, f"layers_per_block must be >= 1, got {self.layers_per_block}"),
-            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
-            (self.sample_steps >= 1, f"sample_steps must be >= 1, got {self.sample_steps}"),
-            (self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}"),
-            (self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1, got {self.guidance_scale}"),
-            (self.export_scheduler in EXPORT_SCHEDULERS,
-             f"--export-scheduler must be one of {EXPORT_SCHEDULERS}, got {self.export_scheduler!r}"),
-            (not (self.data is not None and self.dataset is not None), "--data and --dataset cannot both be given"),
-            (self.scheduler_config is None or self.pretrained is not None,
-             "--scheduler-config is only used with --pretrained (a bare UNet folder)"),
-            (self.pretrained is None or self.loss in ("edm", "ddpm"),
-             f"--loss must be 'edm' or 'ddpm' with --pretrained (the model keeps its own preconditioning), got {self.loss!r}"),
-            (self.loss in ("edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
-             f"--noise-distribution / --loss-weighting apply to --loss edm or ddpm, not {self.loss!r}"),
-            (not (self.resume and self.overwrite), "resume and overwrite cannot both be set"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """`InvalidArgument` naming the first bad field and its allowed values (the CLI shows it under
+        the field's flag), then the combinations that do not go together. Checks values only:
+        paths are checked when the run opens them, still before any work."""
+        for name, rule in NUMBER_FIELDS.items():
+            rule.check(name, getattr(self, name))
+        for name, (choices, optional) in CHOICE_FIELDS.items():
+            check_choice(name, getattr(self, name), choices, optional)
+        for name in BOOL_FIELDS:
+            check_bool(name, getattr(self, name))
+        for name, optional in TEXT_FIELDS.items():
+            value = getattr(self, name)
+            if not (value is None and optional) and not (isinstance(value, str) and value.strip()):
+                raise InvalidArgument(name, f"must be a non-empty text{' or None' if optional else ''}, got {value!r}")
+        channels = self.block_out_channels
+        if (not isinstance(channels, (tuple, list)) or not channels
+                or not all(Number(8, integer=True).accepts(c) and c % 8 == 0 for c in channels)):
+            raise InvalidArgument("block_out_channels", f"must be one or more multiples of 8, e.g. 16,32,64, got {channels!r}")
         parse_resolution(self.resolution)
+        combinations = [
+            (not (self.data is not None and self.dataset is not None), "data", "cannot be used together with --dataset"),
+            (self.scheduler_config is None or self.pretrained is not None, "scheduler_config",
+             "is only used with --pretrained (a bare UNet folder)"),
+            (self.pretrained is None or self.loss in ("edm", "ddpm"), "loss",
+             f"must be 'edm' or 'ddpm' with --pretrained (the model keeps its own preconditioning), got {self.loss!r}"),
+            (self.loss in ("edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
+             "noise_distribution", f"--noise-distribution / --loss-weighting apply to --loss edm or ddpm, not {self.loss!r}"),
+            (not (self.resume and self.overwrite), "resume", "cannot be used together with --overwrite"),
+        ]
+        for ok, name, problem in combinations:
+            if not ok:
+                raise InvalidArgument(name, problem)
 
     @property
     def recipe(self) -> tuple[str, str]:

@@ -16,8 +16,11 @@ forms D = c_skip x + c_out F. `EDMPipeline.from_pretrained(folder)`, or
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a process that has not
 imported edm_sampling, gives back `edm_sampling.pipelines.EDMPipeline`, offline.
 
-The folder is written next to its final place and moved in with `os.replace`; an existing
-folder is replaced only with ``overwrite=True``.
+The folder is written next to its final place and moved in whole (`safety.atomic_write`: the
+user's umask, an interrupted write never half-replaces it); an existing folder is replaced
+only with ``overwrite=True``, and never so that a file edm_sampling did not write is lost: inside
+a run folder its manifest says which files are the package's, elsewhere every file of the old
+folder must be one the new export writes again.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from edm_sampling.families import EDM, Family
+from edm_sampling.safety import atomic_write
+from edm_sampling.safety.atomic import observed
+from edm_sampling.safety.runfolder import check_folder_replaceable
 
 
 def _edm_parts(source: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -60,31 +65,13 @@ def build_pipeline(source: Any):
     return EDMPipeline(unet=unet, scheduler=EDMScheduler(**scheduler_config))
 
 
-def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call ``write(tmp)`` on a temporary folder beside ``folder``, then move it into place."""
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise ValueError(f"export folder {str(folder)!r} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "x")
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def _ema_unet(trainer: Any) -> torch.nn.Module:
-    """A float32 CPU copy of the trainer's EMA UNet (the augmentation projection left out)."""
-    return copy.deepcopy(trainer.ema.net.unet).to("cpu").float().eval()
+    """A float32 CPU copy of the trainer's EMA UNet (the augmentation projection left out), its
+    ``sample_size`` the size it was trained at (pipelines sample at that size by default)."""
+    unet = copy.deepcopy(trainer.ema.net.unet).to("cpu").float().eval()
+    height, width = trainer.sample_shape[1:]
+    unet.register_to_config(sample_size=height if height == width else [height, width])
+    return unet
 
 
 def _scheduler(config: dict[str, Any], choice: str) -> Any:
@@ -161,4 +148,8 @@ def export_pipeline(source: Any, folder: str | os.PathLike, overwrite: bool = Fa
     else:
         pipe = build_pipeline(source)
         write = lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True)  # noqa: E731
-    return write_folder_atomically(folder, write, overwrite)
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ValueError(f"export folder {str(folder)!r} already exists; pass overwrite=True to replace it")
+    guard = None if observed(folder) or not folder.is_dir() else (lambda tmp: check_folder_replaceable(folder, tmp))
+    return atomic_write(folder, write, folder=True, check=guard)

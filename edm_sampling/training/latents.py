@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from edm_sampling.safety import atomic_write, atomic_write_text
 
 
 def freeze(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -79,13 +79,15 @@ class TextConditioner:
 
 
 CACHE_DIR = "latent_cache"
+CACHE_FILES = ("moments.npy", "meta.json")
 
 
 class LatentCache:
     """Moments of every item, [N, F, 2C, h, w] float32 (F = 2 with flips: plain, mirrored).
 
     ``key`` identifies what the cache was computed from; a cache with another key is rebuilt.
-    The file is written beside its place and moved in when complete.
+    Both files are written atomically (the moments first, so a cache is valid only when both
+    are complete).
     """
 
     def __init__(self, folder: str | os.PathLike, key: dict[str, Any]):
@@ -100,7 +102,10 @@ class LatentCache:
 
     def valid(self) -> bool:
         meta = self.folder / "meta.json"
-        return self.path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == self.key
+        try:
+            return self.path.is_file() and json.loads(meta.read_text()).get("key") == self.key
+        except (OSError, ValueError, AttributeError):  # missing or garbled: rebuild
+            return False
 
     def build(self, batches: Callable[[], Any], codec: LatentCodec, num_items: int, flip: bool,
               progress: bool = False) -> None:
@@ -108,34 +113,29 @@ class LatentCache:
         import numpy as np
         from tqdm.auto import tqdm
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=self.folder))
-        try:
-            array = None
-            failed: list[str] = []
+        state: dict[str, Any] = {"failed": []}
+
+        def encode(tmp: Path) -> None:
+            array, start = None, 0
             bar = tqdm(total=num_items, disable=not progress, desc="cache latents")
-            start = 0
             for batch in batches():
                 images = batch["images"]
                 views = [images, images.flip(-1)] if flip else [images]
                 moments = torch.stack([codec.moments(v) for v in views], dim=1).cpu().numpy()
                 if array is None:
-                    array = np.lib.format.open_memmap(tmp / "moments.npy", mode="w+", dtype=np.float32,
+                    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                                       shape=(num_items, *moments.shape[1:]))
                 array[start : start + len(moments)] = moments
                 start += len(moments)
-                failed += batch.get("failed", [])
+                state["failed"] += batch.get("failed", [])
                 bar.update(len(moments))
             bar.close()
             if start != num_items:
                 raise RuntimeError(f"latent cache: encoded {start} of {num_items} items")
             array.flush()
-            del array
-            (tmp / "meta.json").write_text(json.dumps({"key": self.key, "failed": failed}))
-            for name in ("moments.npy", "meta.json"):
-                os.replace(tmp / name, self.folder / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_write(self.path, encode)
+        atomic_write_text(self.folder / "meta.json", json.dumps({"key": self.key, "failed": state["failed"]}))
 
     def open(self) -> None:
         import numpy as np

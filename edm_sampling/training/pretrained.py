@@ -22,21 +22,12 @@ from typing import Any
 
 import torch
 
+from edm_sampling.safety.inputs import InvalidArgument, existing_path, read_json_object, read_pipeline_index
+
 SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def read_json(path: Path, flag: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a ValueError naming ``flag`` if it is missing or broken."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{flag}: cannot read {path}: {error}") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag}: {path} does not hold a JSON object")
-    return value
-
-
-def pretrained_family(scheduler_config: dict[str, Any], flag: str = "--pretrained") -> str:
+def pretrained_family(scheduler_config: dict[str, Any], flag: str = "pretrained") -> str:
     """The preconditioning family of a pretrained model, from its scheduler config through
     `families.family_from_scheduler_config`: "ddpm" (discrete VP: DDPM / DDIM / PNDM / Euler ...
     schedulers with betas) or "edm". Other families are refused naming `flag`."""
@@ -45,12 +36,12 @@ def pretrained_family(scheduler_config: dict[str, Any], flag: str = "--pretraine
     try:
         family = family_from_scheduler_config(scheduler_config)
     except ValueError as error:
-        raise ValueError(f"{flag}: cannot precondition this model: {error}") from error
+        raise InvalidArgument(flag, f"cannot precondition this model: {error}") from error
     if isinstance(family, DiscreteVP):
         return "ddpm"
     if isinstance(family, EDM):
         return "edm"
-    raise ValueError(f"{flag}: cannot precondition this model for fine-tuning: its scheduler config describes a "
+    raise InvalidArgument(flag, f"cannot precondition this model for fine-tuning: its scheduler config describes a "
                      f"{family.name!r} model; only DDPM-family (discrete VP) and EDM models can be fine-tuned here")
 
 
@@ -91,7 +82,7 @@ class PretrainedFolder:
     def vae_scale(self) -> int:
         if not self.latent:
             return 1
-        vae = read_json(self.root / "vae" / "config.json", "--pretrained")
+        vae = read_json_object("pretrained", self.root / "vae" / "config.json")
         return 2 ** (len(vae.get("block_out_channels", [0])) - 1)
 
     def size_multiple(self) -> int:
@@ -116,50 +107,48 @@ class PretrainedFolder:
 
 def check_pretrained(path: str, scheduler_config: str | None = None) -> PretrainedFolder:
     """Validate ``--pretrained`` (and ``--scheduler-config``) from the JSON files alone."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"--pretrained: {str(path)!r} is not a folder")
+    root = existing_path("pretrained", path, folder=True)
     if (root / "model_index.json").is_file():
-        index = read_json(root / "model_index.json", "--pretrained")
+        index = read_pipeline_index("pretrained", root)
         if "unet" not in index:
             parts = sorted(k for k in index if not k.startswith("_"))
-            raise ValueError(f"--pretrained: {root} has no 'unet' component (components: {parts}); "
+            raise InvalidArgument("pretrained", f"{root} has no 'unet' component (components: {parts}); "
                              "transformer-based pipelines (SD3, Flux, PixArt) are not supported")
         if scheduler_config is not None:
-            raise ValueError(f"--scheduler-config: {root} is a whole pipeline with its own scheduler; "
+            raise InvalidArgument("scheduler_config", f"{root} is a whole pipeline with its own scheduler; "
                              "--scheduler-config is for a bare UNet folder")
         if "text_encoder_2" in index:
-            raise ValueError(f"--pretrained: {root} has two text encoders (SDXL-style); only single-encoder "
+            raise InvalidArgument("pretrained", f"{root} has two text encoders (SDXL-style); only single-encoder "
                              "pipelines (Stable Diffusion 1.x / 2.x) are supported")
         unet_dir, sched_path = root / "unet", root / "scheduler" / "scheduler_config.json"
         if not sched_path.is_file():
-            raise ValueError(f"--pretrained: {root} has no scheduler/scheduler_config.json")
+            raise InvalidArgument("pretrained", f"{root} has no scheduler/scheduler_config.json")
     elif (root / "config.json").is_file():
         index, unet_dir = None, root
         if scheduler_config is None:
-            raise ValueError(f"--scheduler-config: {root} is a bare UNet folder; give its scheduler's "
+            raise InvalidArgument("scheduler_config", f"{root} is a bare UNet folder; give its scheduler's "
                              "scheduler_config.json (or the folder holding it) with --scheduler-config")
         sched_path = Path(scheduler_config)
         if sched_path.is_dir():
             sched_path = sched_path / "scheduler_config.json"
     else:
-        raise ValueError(f"--pretrained: {root} is not a diffusers folder: no model_index.json (a pipeline "
+        raise InvalidArgument("pretrained", f"{root} is not a diffusers folder: no model_index.json (a pipeline "
                          "saved with save_pretrained) and no config.json (a UNet folder)")
-    unet_config = read_json(unet_dir / "config.json", "--pretrained")
+    unet_config = read_json_object("pretrained", unet_dir / "config.json")
     unet_class = unet_config.get("_class_name")
     if unet_class not in SUPPORTED_UNETS:
-        raise ValueError(f"--pretrained: the model is a {unet_class!r}; supported: {SUPPORTED_UNETS}")
+        raise InvalidArgument("pretrained", f"the model is a {unet_class!r}; supported: {SUPPORTED_UNETS}")
     if unet_config.get("addition_embed_type") or unet_config.get("class_embed_type"):
-        raise ValueError("--pretrained: UNets with extra conditioning (addition_embed_type / class_embed_type, "
+        raise InvalidArgument("pretrained", "UNets with extra conditioning (addition_embed_type / class_embed_type, "
                          "e.g. SDXL) are not supported")
-    flag = "--scheduler-config" if index is None else "--pretrained"
-    scheduler = read_json(sched_path, flag)
+    flag = "scheduler_config" if index is None else "pretrained"
+    scheduler = read_json_object(flag, sched_path)
     folder = PretrainedFolder(root, index, unet_dir, unet_config, scheduler, pretrained_family(scheduler, flag))
     if folder.text_conditioned and not (folder.component("text_encoder") and folder.component("tokenizer")):
-        raise ValueError(f"--pretrained: {root}: a UNet2DConditionModel needs its pipeline's text_encoder and "
+        raise InvalidArgument("pretrained", f"{root}: a UNet2DConditionModel needs its pipeline's text_encoder and "
                          "tokenizer; give the whole pipeline folder")
     if not folder.latent and int(unet_config.get("in_channels", 3)) not in (1, 3):
-        raise ValueError(f"--pretrained: a pixel UNet must take 1 or 3 channels, this one takes {unet_config.get('in_channels')}"
+        raise InvalidArgument("pretrained", f"a pixel UNet must take 1 or 3 channels, this one takes {unet_config.get('in_channels')}"
                          " (a latent model needs its pipeline's vae)")
     return folder
 
@@ -174,7 +163,7 @@ def load_component(folder: PretrainedFolder, name: str) -> Any:
         cls = getattr(importlib.import_module(library), class_name)
         return cls.from_pretrained(str(folder.root / name))
     except Exception as error:  # a broken component is a bad --pretrained
-        raise ValueError(f"--pretrained: cannot load {name!r} ({library}.{class_name}) from {folder.root / name}: {error}") from error
+        raise InvalidArgument("pretrained", f"cannot load {name!r} ({library}.{class_name}) from {folder.root / name}: {error}") from error
 
 
 def load_unet(folder: PretrainedFolder) -> torch.nn.Module:
@@ -185,7 +174,7 @@ def load_unet(folder: PretrainedFolder) -> torch.nn.Module:
     try:
         unet = cls.from_pretrained(str(folder.unet_dir), torch_dtype=torch.float32)
     except Exception as error:
-        raise ValueError(f"--pretrained: cannot load the UNet from {folder.unet_dir}: {error}") from error
+        raise InvalidArgument("pretrained", f"cannot load the UNet from {folder.unet_dir}: {error}") from error
     return unet.float().train()
 
 

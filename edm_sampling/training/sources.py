@@ -29,6 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from edm_sampling.safety import InvalidArgument
+
 from .data import micro_batch_indices
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -58,14 +60,14 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
 class FolderSource:
     """An image folder in the `imagefolder` convention (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, caption_column: str = "text", flag: str = "--data"):
+    def __init__(self, root: str | os.PathLike, caption_column: str = "text", flag: str = "data"):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"{flag}: data folder {str(root)!r} does not exist or is not a folder")
+            raise InvalidArgument(flag, f"data folder {str(root)!r} does not exist or is not a folder")
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                        and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
         if not files:
-            raise ValueError(f"{flag}: data folder {str(root)!r} has no PNG or JPEG images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise InvalidArgument(flag, f"data folder {str(root)!r} has no PNG or JPEG images ({', '.join(IMAGE_EXTENSIONS)})")
         self.report = ScanReport()
         usable = []
         for path in files:
@@ -79,7 +81,7 @@ class FolderSource:
             usable.append(path)
         if not usable:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.report.skipped[:3])
-            raise ValueError(f"{flag}: data folder {str(root)!r} has no usable image ({len(files)} files, {reasons})")
+            raise InvalidArgument(flag, f"data folder {str(root)!r} has no usable image ({len(files)} files, {reasons})")
         self.files = usable
         self.captions = self._read_captions(caption_column, flag)
         self.class_names, self.labels = self._class_labels()
@@ -87,22 +89,27 @@ class FolderSource:
     def _read_captions(self, caption_column: str, flag: str) -> list[str] | None:
         path = self.root / METADATA_NAME
         if not path.is_file():
-            self.caption_error = f"{flag}: {str(self.root)!r} has no {METADATA_NAME} (lines of {{\"file_name\": ..., \"{caption_column}\": ...}})"
+            self.caption_error = InvalidArgument(flag, f"{str(self.root)!r} has no {METADATA_NAME} (lines of "
+                                                       f"{{\"file_name\": ..., \"{caption_column}\": ...}})")
             return None
         rows: dict[str, dict[str, Any]] = {}
         columns: set[str] = set()
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidArgument(flag, f"cannot read {path}: {error}") from None
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 rows[str(Path(row["file_name"]))] = row
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{flag}: {path} line {number} is not a JSON object with 'file_name': {error}") from error
+                raise InvalidArgument(flag, f"{path} line {number} is not a JSON object with 'file_name': {error}") from error
             columns.update(row)
         if caption_column not in columns:
-            self.caption_error = (f"--caption-column: column {caption_column!r} is not in {path} "
-                                  f"(columns: {sorted(columns - {'file_name'})})")
+            self.caption_error = InvalidArgument("caption_column", f"column {caption_column!r} is not in {path} "
+                                                                   f"(columns: {sorted(columns - {'file_name'})})")
             return None
         self.caption_error = None
         return [str(rows.get(str(p.relative_to(self.root)), {}).get(caption_column) or "") for p in self.files]
@@ -134,33 +141,36 @@ class HFDatasetSource:
     ``DatasetDict`` gives its "train" split), or a hub name when online."""
 
     def __init__(self, name_or_path: str, image_column: str = "image", caption_column: str = "text"):
+        local = Path(name_or_path).exists()
+        if not local and (name_or_path.startswith((".", "~", "/")) or name_or_path.count("/") > 1):
+            raise InvalidArgument("dataset", f"no such folder {name_or_path!r} (a hub name is 'owner/name')")
         try:
             import datasets
         except ImportError:
-            raise ValueError("--dataset needs the `datasets` package: pip install 'edm_sampling[datasets]'") from None
+            raise InvalidArgument("dataset", "needs the `datasets` package: pip install 'edm_sampling[datasets]'") from None
         try:
-            if Path(name_or_path).exists():
+            if local:
                 data = datasets.load_from_disk(name_or_path)
             else:
                 data = datasets.load_dataset(name_or_path, split="train")
         except Exception as error:  # any loading failure is a bad --dataset
-            raise ValueError(f"--dataset: cannot load {name_or_path!r}: {error}") from error
+            raise InvalidArgument("dataset", f"cannot load {name_or_path!r}: {error}") from error
         if isinstance(data, datasets.DatasetDict):
             if "train" not in data and len(data) != 1:
-                raise ValueError(f"--dataset: {name_or_path!r} has splits {sorted(data)} and none is 'train'")
+                raise InvalidArgument("dataset", f"{name_or_path!r} has splits {sorted(data)} and none is 'train'")
             data = data["train"] if "train" in data else next(iter(data.values()))
         if len(data) == 0:
-            raise ValueError(f"--dataset: {name_or_path!r} is empty")
+            raise InvalidArgument("dataset", f"{name_or_path!r} is empty")
         columns = list(data.column_names)
         if image_column not in columns:
-            raise ValueError(f"--image-column: column {image_column!r} is not in the dataset (columns: {columns})")
+            raise InvalidArgument("image_column", f"column {image_column!r} is not in the dataset (columns: {columns})")
         self.data, self.image_column = data, image_column
         self.report = ScanReport()
         if caption_column in columns:
             self.caption_error = None
             self.captions: list[str] | None = [str(c or "") for c in data[caption_column]]
         else:
-            self.caption_error = f"--caption-column: column {caption_column!r} is not in the dataset (columns: {columns})"
+            self.caption_error = InvalidArgument("caption_column", f"column {caption_column!r} is not in the dataset (columns: {columns})")
             self.captions = None
         label = data.features.get("label")
         if label is not None and hasattr(label, "names"):
@@ -273,12 +283,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
                                           process_index).tolist()
 
 
-def source_resolution(source: Any, flag: str = "--resolution") -> tuple[int, int]:
+def source_resolution(source: Any, flag: str = "resolution") -> tuple[int, int]:
     """The one size (H, W) all images of a scanned folder share (when no resolution is given)."""
     sizes = source.report.sizes
     if len(sizes) != 1:
         examples = ", ".join(f"{w}x{h} ({name})" for (w, h), name in list(sizes.items())[:3])
-        raise ValueError(f"{flag}: the data has images of mixed sizes: {examples}; pass {flag} S or H,W to resize them")
+        raise InvalidArgument(flag, f"the data has images of mixed sizes: {examples}; give a resolution S or H,W to resize them")
     (width, height), _ = next(iter(sizes.items()))
     return height, width
 

@@ -22,6 +22,14 @@ being the only distributed engine. Per step:
 Checkpoints (`checkpoint.py`) hold model, EMA, optimizer, step and RNG states in one
 safetensors file written atomically; each is followed by a sample grid from fixed seeds. The
 run ends by exporting the EMA UNet as a diffusers pipeline folder (`export.py`).
+
+The run folder is held from the start (`safety.RunFolder`, main process: one job per folder, a
+manifest of what the package wrote, every output known up front so a user's file there is refused
+before any work); what it holds is said once ("found a checkpoint at step N: resuming", "starting
+a new run"). ``--overwrite`` deletes nothing at the start: the new run's files replace the old ones
+as they are written, and the old ones it did not write again go when it finishes. SIGINT / SIGTERM
+finish the step, save, print the command that resumes and exit 130 / 143; NaN / inf EMA weights
+are never exported.
 """
 
 from __future__ import annotations
@@ -38,7 +46,18 @@ import torch
 
 from .augment import AUGMENT_DIM, GeometricAugment
 from .batches import BatchFeed
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from edm_sampling.safety import (
+    GracefulStop,
+    InvalidArgument,
+    RunFolder,
+    append_text,
+    assert_finite_state,
+    atomic_write_text,
+    resume_command,
+)
+from edm_sampling.safety.inputs import output_folder
+
+from .checkpoint import CHECKPOINT_NAME, checkpoint_step, load_checkpoint, previous_checkpoint_path, save_checkpoint
 from .config import RESUME_FIELDS, TrainConfig, parse_resolution
 from .data import ImageDataset, load_builtin_digits
 from .ema import ema_beta, ema_update
@@ -53,21 +72,63 @@ LOG_NAME = "log.jsonl"
 DIGITS_RESOLUTION = 16
 
 
-def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to touch an existing run folder unless resuming or overwriting (ValueError)."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {str(out)!r} exists and is not a folder")
-    nonempty = out.is_dir() and any(out.iterdir())
+def sample_grid_name(step: int) -> str:
+    """Where the sample grid of the checkpoint at ``step`` goes, inside the run folder."""
+    return f"{SAMPLES_DIR}/step-{step:07d}.png"
+
+
+def run_outputs(config: TrainConfig) -> tuple[str, ...]:
+    """Every file (or folder written whole) a run may write in its folder, known before it starts,
+    so that a file the package did not write there is refused before any work (`RunFolder`)."""
+    from .latents import CACHE_DIR, CACHE_FILES
+
+    names = [CHECKPOINT_NAME, previous_checkpoint_path(CHECKPOINT_NAME).name, LOG_NAME]
+    if config.num_samples:
+        names.append(SAMPLES_NAME)
+        names += [sample_grid_name(step) for step in range(config.checkpoint_every, config.steps, config.checkpoint_every)]
+    if config.export:
+        names.append(PIPELINE_DIR)
+    if config.cache_latents:
+        names += [f"{CACHE_DIR}/{name}" for name in CACHE_FILES]
+    return tuple(names)
+
+
+def check_output_dir(config: TrainConfig, run: RunFolder) -> str:
+    """Whether the run may start in ``config.output_dir`` and what it will do, as one line to print;
+    an `InvalidArgument` naming the flag to pass otherwise. ``run``: the folder, opened by the
+    caller (its lock held, its manifest read).
+
+    - ``--resume``: the folder must hold a checkpoint;
+    - a checkpoint and neither flag: refused, naming its step and both flags;
+    - ``--overwrite``: the old files stay until the new run writes its own (`RunFolder`);
+    - no checkpoint: a folder holding only what an earlier run wrote (it stopped before its first
+      checkpoint) starts fresh; files edm_sampling did not write need ``--overwrite`` (they are
+      kept)."""
+    out = output_folder("output_dir", config.output_dir)
+    checkpoint = out / CHECKPOINT_NAME
+    found = checkpoint.is_file()
+    step = checkpoint_step(checkpoint) if found else None
+    at = f"at step {step}" if step is not None else "(its step cannot be read)"
+    ours = run.own_files() if out.is_dir() else []
     if config.resume:
-        if not (out / CHECKPOINT_NAME).is_file():
-            raise ValueError(f"resume: no checkpoint {CHECKPOINT_NAME} in {str(out)!r}")
-    elif nonempty and not config.overwrite:
-        raise ValueError(
-            f"output_dir {str(out)!r} already exists and is not empty; pass --resume to continue it "
-            "or --overwrite to start over (its checkpoint will be replaced)"
-        )
-    return out
+        if not found:
+            earlier = " (an earlier run stopped before writing one)" if ours else ""
+            raise InvalidArgument("resume", f"no checkpoint {CHECKPOINT_NAME} in {str(out)!r} to resume{earlier}; "
+                                            "run without --resume to start a new run there")
+        return f"found a checkpoint {at} in {out}: resuming"
+    if found and not config.overwrite:
+        raise InvalidArgument("output_dir", f"{str(out)!r} holds a run with a checkpoint {at}; pass --resume to continue "
+                                            "it, or --overwrite to start over (its files stay until the new run replaces them)")
+    if found:
+        return f"--overwrite: starting a new run in {out}; the checkpoint {at} stays until this run's first checkpoint replaces it"
+    others = run.foreign_files() if out.is_dir() else []
+    if others and not config.overwrite:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise InvalidArgument("output_dir", f"{str(out)!r} holds files edm_sampling did not write ({shown}); choose "
+                                            "another folder, or pass --overwrite to use this one (they are kept)")
+    if ours:
+        return f"no checkpoint in {out} (an earlier run stopped before writing one): starting a new run"
+    return f"starting a new run in {out}"
 
 
 def build_unet(config: TrainConfig, channels: int, resolution: int | tuple[int, int], num_classes: int):
@@ -81,7 +142,7 @@ def build_unet(config: TrainConfig, channels: int, resolution: int | tuple[int, 
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     size = parse_resolution(resolution)
     if any(side % (2 ** (n - 1)) for side in size):
-        raise ValueError(f"--resolution {size[0]}x{size[1]} must be divisible by 2^(len(block_out_channels)-1) = {2 ** (n - 1)}")
+        raise InvalidArgument("resolution", f"{size[0]}x{size[1]} must be divisible by 2^(number of --channels - 1) = {2 ** (n - 1)}")
     return UNet2DModel(
         sample_size=size[0] if size[0] == size[1] else size,
         in_channels=channels,
@@ -153,10 +214,89 @@ class Trainer:
     data, the columns, the resolution, the output folder.
     """
 
-    def __init__(self, config: TrainConfig, dataset: ImageDataset | None = None):
+    def __init__(self, config: TrainConfig, dataset: ImageDataset | None = None, argv: list[str] | None = None):
+        """Check everything, take the run folder (main process: its lock, until `run` ends or
+        `close`), and build the run; ``argv``: the `edm-sampling` arguments that started it,
+        for the resume command printed on SIGINT / SIGTERM (derived from ``config`` if None)."""
         config.validate()
         self.config = config
-        self.output_dir = check_output_dir(config)
+        self.argv = argv
+        self.in_memory_data = dataset is not None
+        self.output_dir = Path(config.output_dir)
+        self.folder: RunFolder | None = None
+        try:
+            self._setup(dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_folder(self) -> None:
+        """Main process: open the run folder (lock, clean-up, manifest) and check what it holds;
+        every process learns whether that failed, so none goes on alone."""
+        acc, error, found = self.accelerator, None, ""
+        if acc.is_main_process:
+            try:
+                output_folder("output_dir", self.config.output_dir)
+                self.folder = RunFolder(self.output_dir, self._command_line(), resume=self.config.resume).__enter__()
+                found = check_output_dir(self.config, self.folder)
+                verified = (CHECKPOINT_NAME,) if self.config.resume else ()  # by its checksum, when it loads
+                self.folder.check_replaceable(self.folder.root / name for name in run_outputs(self.config)
+                                              if name not in verified)
+            except ValueError as caught:
+                error = caught
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise error
+        self.found = found
+
+    def _arguments(self) -> list[str]:
+        """The `edm-sampling` arguments of this run: as typed, or the equivalent of its config."""
+        from .command import config_argv
+
+        return list(self.argv) if self.argv is not None else config_argv(self.config)
+
+    def _command_line(self) -> str:
+        import shlex
+
+        return shlex.join(["edm-sampling", *self._arguments()])
+
+    def close(self) -> None:
+        """Give the run folder back (its lock); idempotent. `run` calls it when it ends."""
+        folder, self.folder = getattr(self, "folder", None), None
+        if folder is not None:
+            folder.__exit__(None, None, None)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit: the kernel drops the lock with the process anyway
+            pass
+
+    @staticmethod
+    def _refuse_fp16(device: str) -> None:
+        raise InvalidArgument("mixed_precision", f"fp16 needs a CUDA GPU (its loss scaling is what finds and skips "
+                                                 f"non-finite steps); on {device} use bf16 or no")
+
+    def _setup(self, dataset: ImageDataset | None) -> None:
+        from accelerate import Accelerator
+
+        config = self.config
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            self._refuse_fp16("cpu")
+        self.accelerator = acc = Accelerator(mixed_precision=config.mixed_precision)
+        if config.mixed_precision == "fp16" and acc.device.type != "cuda":
+            self._refuse_fp16(acc.device.type)
+        self._open_folder()
         self.pretrained = None
         if config.pretrained:
             from .pretrained import check_pretrained
@@ -164,19 +304,16 @@ class Trainer:
             self.pretrained = check_pretrained(config.pretrained, config.scheduler_config)
         self.latent = self.pretrained is not None and self.pretrained.latent
         self.text_conditioned = self.pretrained is not None and self.pretrained.text_conditioned
+        if config.cache_latents and not self.latent:
+            raise InvalidArgument("cache_latents", "caches VAE latents: it needs --pretrained with a latent pipeline "
+                                                   "(one with a vae); this model works on pixels")
         if self.latent and config.augment_p > 0:
-            raise ValueError("--augment-p: geometric augmentation is for pixel models; this model is latent")
+            raise InvalidArgument("augment_p", "geometric augmentation is for pixel models; this model is latent")
         self._open_data(dataset)
-
-        from accelerate import Accelerator
-
-        self.accelerator = acc = Accelerator(mixed_precision=config.mixed_precision)
         processes = acc.num_processes
         if config.batch_size % (processes * config.grad_accum) != 0:
-            raise ValueError(
-                f"batch_size ({config.batch_size}) must be divisible by processes x grad_accum "
-                f"({processes} x {config.grad_accum})"
-            )
+            raise InvalidArgument("batch_size", f"{config.batch_size} must be divisible by processes x --grad-accum "
+                                                f"({processes} x {config.grad_accum})")
         self.micro_batch = config.batch_size // (processes * config.grad_accum)
         self.augment = GeometricAugment(p=config.augment_p) if config.augment_p > 0 else None
         augment_dim = AUGMENT_DIM if self.augment else 0
@@ -233,11 +370,13 @@ class Trainer:
         self.buckets = SigmaBucketLog()
         if config.resume:
             self.load(self.output_dir / CHECKPOINT_NAME)
-        elif config.overwrite and acc.is_main_process:
-            for name in (CHECKPOINT_NAME, LOG_NAME, SAMPLES_NAME):
-                if (self.output_dir / name).exists():
-                    (self.output_dir / name).unlink()
+            if acc.is_main_process:
+                self.folder.keep([CHECKPOINT_NAME])
+            self.found = f"found a checkpoint at step {self.step} in {self.output_dir}: resuming to step {config.steps}"
+        self._log_lines: list[str] | None = None  # log.jsonl as this job rewrites it (None: not yet written)
         self.cache = self._latent_cache() if config.cache_latents and self.latent else None
+        if acc.is_main_process:
+            print(self.found, flush=True)
 
     # ---- data ------------------------------------------------------------------------
     def _open_data(self, dataset: ImageDataset | None) -> None:
@@ -247,20 +386,20 @@ class Trainer:
         self.dataset, self.streamed, self.captions = None, None, None
         builtin = dataset is None and cfg.dataset is None and cfg.data in (None, "digits")
         if builtin and self.pretrained is not None:
-            raise ValueError("--data: fine-tuning needs your images: give --data FOLDER or --dataset NAME_OR_PATH")
+            raise InvalidArgument("data", "fine-tuning needs your images: give --data FOLDER or --dataset NAME_OR_PATH")
         if dataset is not None or builtin:
             if builtin and size is not None and size[0] != size[1]:
-                raise ValueError(f"--resolution: the built-in digits are square, got {size[0]},{size[1]}")
+                raise InvalidArgument("resolution", f"the built-in digits are square, got {size[0]},{size[1]}")
             if self.text_conditioned:
-                raise ValueError("--data: a text-to-image model needs captions: give --data FOLDER or --dataset with captions")
+                raise InvalidArgument("data", "a text-to-image model needs captions: give --data FOLDER or --dataset with captions")
             self.dataset = dataset if dataset is not None else load_builtin_digits(size[0] if size else DIGITS_RESOLUTION)
             if size is not None and dataset is not None and tuple(dataset.images.shape[-2:]) != size:
-                raise ValueError(f"--resolution {size} does not match the in-memory images {tuple(dataset.images.shape[-2:])}")
+                raise InvalidArgument("resolution", f"{size} does not match the in-memory images {tuple(dataset.images.shape[-2:])}")
             self.image_shape = tuple(self.dataset.images.shape[1:])
             self.num_items, self.num_classes = len(self.dataset), self.dataset.num_classes if cfg.class_conditional else 0
             self.labels = self.dataset.labels
             if cfg.class_conditional and self.num_classes < 1:
-                raise ValueError("--class-conditional needs a dataset with class subfolders (or the built-in digits)")
+                raise InvalidArgument("class_conditional", "needs a dataset with class subfolders (or the built-in digits)")
             self.scan_skipped: list[tuple[str, str]] = []
             return
         from .sources import StreamedImages, open_source, source_mode, source_resolution
@@ -277,12 +416,13 @@ class Trainer:
             mode = source_mode(source)
             self.num_classes = len(source.class_names) if cfg.class_conditional else 0
             if cfg.class_conditional and self.num_classes < 1:
-                raise ValueError("--class-conditional needs class subfolders in --data (or a 'label' column in --dataset)")
+                raise InvalidArgument("class_conditional", "needs class subfolders in --data (or a 'label' column in --dataset)")
         if self.num_classes and source.labels is None:
-            raise ValueError("--data: the model is class-conditional but the data has no class subfolders / 'label' column")
+            raise InvalidArgument("data", "the model is class-conditional but the data has no class subfolders / 'label' column")
         if self.text_conditioned:
             if source.captions is None:
-                raise ValueError(source.caption_error + "; a text-to-image model needs captions")
+                error = source.caption_error
+                raise InvalidArgument(error.name, f"{error.problem}; a text-to-image model needs captions")
             self.captions = source.captions
         self.labels = torch.tensor(source.labels, dtype=torch.long) if source.labels is not None else None
         self.streamed = StreamedImages(source, size, mode)
@@ -294,7 +434,7 @@ class Trainer:
         """Open (building it first if needed) the latent cache of ``--cache-latents``."""
         import os
 
-        from .latents import CACHE_DIR, LatentCache
+        from .latents import CACHE_DIR, CACHE_FILES, LatentCache
 
         cfg, acc = self.config, self.accelerator
         items: Any
@@ -307,7 +447,9 @@ class Trainer:
                "vae_config": (self.pretrained.root / "vae" / "config.json").read_text(),
                "resolution": list(self.image_shape[1:]), "flip": cfg.random_flip, "items": items}
         cache = LatentCache(self.output_dir / CACHE_DIR, key)
-        if acc.is_main_process and not cache.valid():
+        if acc.is_main_process and cache.valid():
+            self.folder.keep(f"{CACHE_DIR}/{name}" for name in CACHE_FILES)  # reused: this run's too
+        elif acc.is_main_process:
             def batches():
                 loader = torch.utils.data.DataLoader(
                     self.streamed, batch_size=self.micro_batch, shuffle=False,
@@ -458,7 +600,8 @@ class Trainer:
         now = self.config.to_json()
         for key in RESUME_FIELDS:
             if saved.get(key) != now.get(key):
-                raise ValueError(f"resume: {key} was {saved.get(key)!r} in the checkpoint, got {now.get(key)!r}")
+                raise InvalidArgument(key, f"was {saved.get(key)!r} in the checkpoint being resumed, got {now.get(key)!r}; "
+                                           "a resumed run keeps the setup it started with")
         self.unwrapped.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -473,7 +616,18 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train until ``config.steps``, checkpointing (with a sample grid), then export."""
+        """Train until ``config.steps``, checkpointing (with a sample grid), then export; the run
+        folder is given back when it ends, however it ends.
+
+        SIGINT / SIGTERM end the loop after the current step (all processes at the same step): the
+        checkpoint is written, the command that resumes is printed, and the process exits with
+        130 / 143 (`safety.GracefulStop`)."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
@@ -482,40 +636,50 @@ class Trainer:
             for name, why in self.scan_skipped:
                 print(f"skipped an unreadable image: {name} ({why})")
         start_time, start_step = time.perf_counter(), self.step
+        saved_step = self.step if cfg.resume else None
         history: list[dict[str, Any]] = []
         last_loss = math.nan
         running, count = torch.zeros((), device=acc.device), 0
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train",
                    unit="step")
-        while self.step < cfg.steps:
-            info = self.train_step()
-            running, count = running + info["loss"], count + 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                if acc.num_processes > 1:
-                    running = acc.reduce(running, reduction="mean")  # sigma buckets stay per process
-                last_loss = float(running) / count
-                seconds = time.perf_counter() - start_time
-                record = {
-                    "step": self.step, "images": self.images_seen, "loss": last_loss, "lr": info["lr"],
-                    "skipped_steps": self.skipped_steps, "seconds": seconds,
-                    "images_per_second": (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9),
-                    "unreadable_images": len(self.scan_skipped) + len(self.unreadable),
-                    "loss_by_sigma": self.buckets.means(),
-                }
-                history.append(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
-                if acc.is_main_process:
-                    with open(self.output_dir / LOG_NAME, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                running, count = torch.zeros((), device=acc.device), 0
-                self.buckets.reset()
-            if self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
-                self.save()
-                if cfg.num_samples and acc.is_main_process:
-                    self.write_sample_grid(self.output_dir / SAMPLES_DIR / f"step-{self.step:07d}.png")
+        with GracefulStop() as stop:
+            while self.step < cfg.steps:
+                info = self.train_step()
+                running, count = running + info["loss"], count + 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if acc.num_processes > 1:
+                        running = acc.reduce(running, reduction="mean")  # sigma buckets stay per process
+                    last_loss = float(running) / count
+                    seconds = time.perf_counter() - start_time
+                    record = {
+                        "step": self.step, "images": self.images_seen, "loss": last_loss, "lr": info["lr"],
+                        "skipped_steps": self.skipped_steps, "seconds": seconds,
+                        "images_per_second": (self.step - start_step) * cfg.batch_size / max(seconds, 1e-9),
+                        "unreadable_images": len(self.scan_skipped) + len(self.unreadable),
+                        "loss_by_sigma": self.buckets.means(),
+                    }
+                    history.append(record)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
+                    if acc.is_main_process:
+                        self._write_log(record, start_step)
+                    running, count = torch.zeros((), device=acc.device), 0
+                    self.buckets.reset()
+                if self.step % cfg.checkpoint_every == 0 and self.step != cfg.steps:
+                    self.save()
+                    saved_step = self.step
+                    if cfg.num_samples and acc.is_main_process:
+                        self.write_sample_grid(self.output_dir / sample_grid_name(self.step))
+                if self._stop_signal(stop):
+                    break
         bar.close()
         self.feed.close()
+        if stop.requested:
+            if saved_step != self.step:
+                self.save()
+            if not acc.is_main_process:
+                raise SystemExit(stop.exit_code)
+            stop.exit(f"checkpoint written at step {self.step} of {cfg.steps} in {self.output_dir}", self._resume_hint())
         if start_step == self.step or self.step == cfg.steps:
             self.save()
         seconds = time.perf_counter() - start_time
@@ -527,12 +691,48 @@ class Trainer:
             elif cfg.export:
                 from .export import export_pipeline
 
+                self.check_finite_ema("not exported")
                 result.pipeline_dir = str(export_pipeline(self, self.output_dir / PIPELINE_DIR, overwrite=True,
                                                           scheduler=cfg.export_scheduler))
             if cfg.num_samples:
                 result.samples_path = str(self.write_sample_grid(self.output_dir / SAMPLES_NAME))
+            self.folder.commit()
         acc.wait_for_everyone()
         return result
+
+    def _stop_signal(self, stop: GracefulStop) -> bool:
+        """Whether any process was asked to stop (SIGINT / SIGTERM); with several processes the
+        signal is agreed on (one tiny collective per step), so all stop after the same step."""
+        if self.accelerator.num_processes > 1:
+            signums = self.accelerator.gather(torch.tensor([stop.signum or 0], device=self.accelerator.device))
+            stop.signum = int(signums.max()) or None
+        return stop.requested
+
+    def _resume_hint(self) -> str:
+        """The command that continues this run (the in-memory data of the Python API aside)."""
+        command = resume_command(self._arguments())
+        if self.in_memory_data and self.argv is None:
+            return f"train() again with the same data and resume=True (the CLI equivalent: {command})"
+        return command
+
+    def _write_log(self, record: dict[str, Any], start_step: int) -> None:
+        """Append ``record`` to log.jsonl atomically. The first write of a job drops what a fresh
+        run must not keep (all of it) or a resumed one must not repeat (records past its checkpoint)."""
+        path = self.output_dir / LOG_NAME
+        line = json.dumps(record) + "\n"
+        if self._log_lines is None:
+            earlier = path.read_text().splitlines(keepends=True) if self.config.resume and path.is_file() else []
+            self._log_lines = [old for old in earlier if _log_step(old) <= start_step]
+            atomic_write_text(path, "".join(self._log_lines) + line)
+        else:
+            append_text(path, line)
+        self._log_lines.append(line)
+
+    def check_finite_ema(self, outcome: str) -> None:
+        """`NonFiniteWeightsError` if the EMA weights hold NaN or inf (the run diverged), saying
+        what is not done (``outcome``) and that the checkpoint was kept."""
+        assert_finite_state(self.ema.state_dict(), f"the EMA weights at step {self.step} in {self.output_dir} (the run "
+                                                   f"diverged: lower --lr, or clip with --max-grad-norm; {outcome})")
 
     # ---- samples ---------------------------------------------------------------------
     @torch.no_grad()
@@ -563,8 +763,17 @@ class Trainer:
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
         from edm_sampling.images import save_image_grid
 
+        self.check_finite_ema(f"no sample grid {path.name} written")
         images = self.generate(self.config.num_samples, seed=seed)
         return save_image_grid(images, path, max_images=None, scale=4 if images.shape[-1] <= 32 else 1, pad_value=-1.0)
+
+
+def _log_step(line: str) -> float:
+    """The step of a log.jsonl line (a line that is not a record counts as before every step)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -math.inf
 
 
 class _null_context:
@@ -575,6 +784,7 @@ class _null_context:
         return False
 
 
-def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResult:
-    """Validate, build and run a training job (see :class:`TrainConfig`)."""
-    return Trainer(config, dataset).run()
+def train(config: TrainConfig, dataset: ImageDataset | None = None, argv: list[str] | None = None) -> TrainResult:
+    """Validate, build and run a training job (see :class:`TrainConfig`); ``argv``: the
+    `edm-sampling` arguments that started it, if any (for the resume command)."""
+    return Trainer(config, dataset, argv).run()

@@ -63,7 +63,7 @@ def test_flow_family_turns_the_exact_velocity_into_the_exact_denoiser():
     torch.testing.assert_close(denoiser(x, sigma), ORACLE(x, sigma), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0)])
+@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0), ("euler", 20.0)])
 def test_flow_scheduler_equals_core_sampler(solver, churn):
     scheduler = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver=solver, s_churn=churn,
                                          s_tmin=0.05, s_tmax=50.0)

@@ -19,14 +19,13 @@ ours / best of all six (their order-3 settings too).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils import logging as diffusers_logging
-from flow_common import NAMED_PEERS, PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse, sd3_loop, velocity_model
+from flow_common import (NAMED_PEERS, PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse,
+                         parse_arguments, sd3_loop, velocity_model)
 
 from edm_sampling.schedulers import EDMScheduler
 
@@ -44,15 +43,7 @@ def our_schedulers(shift: float) -> list[tuple[str, EDMScheduler]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nfe", default="5,9,15,25")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--problems", default=",".join(PROBLEMS))
-    parser.add_argument("--target", type=float, default=0.8)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    diffusers_logging.set_verbosity_error()
-    nfes = [int(n) for n in args.nfe.split(",")]
+    args, nfes = parse_arguments(__doc__, problems=True)
     start = time.perf_counter()
     summary = []
     for problem in args.problems.split(","):

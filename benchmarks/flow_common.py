@@ -18,6 +18,7 @@ bench model's) spectra. Each at the flow shifts 1 and 3 (SD3's).
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 from typing import Callable
@@ -29,6 +30,7 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.utils import logging as diffusers_logging
 
 from edm_sampling.oracles import (
     GaussianMixtureOracle,
@@ -145,3 +147,18 @@ def diffusers_flow_schedulers(shift: float, nfe: int) -> list[tuple[str, object,
 
 NAMED_PEERS = ("FlowMatchEuler", "FlowMatchHeun", "DPM-Solver++ 2M flow", "UniPC-2 flow")
 """The issue's four in their default configurations (DPM-Solver++ and UniPC at order 2)."""
+
+
+def parse_arguments(description: str, problems: bool = False) -> tuple[argparse.Namespace, list[int]]:
+    """The benchmarks' options (--nfe, --samples, --target, and --problems if asked) and the NFE
+    list; one torch thread, diffusers' per-scheduler notices silenced."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nfe", default="5,9,15,25")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--target", type=float, default=0.8)
+    if problems:
+        parser.add_argument("--problems", default=",".join(PROBLEMS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    diffusers_logging.set_verbosity_error()
+    return args, [int(n) for n in args.nfe.split(",")]

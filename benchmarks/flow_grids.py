@@ -25,15 +25,14 @@ A last line checks that EDMScheduler's default in the SD3 loop is the core sampl
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils import logging as diffusers_logging
-from flow_common import PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse, sd3_loop, velocity_model
+from flow_common import (PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse, parse_arguments,
+                         sd3_loop, velocity_model)
 
 from edm_sampling import samplers
 from edm_sampling.denoisers import FlowDenoiser
@@ -79,14 +78,7 @@ GRIDS: dict[str, Grid] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nfe", default="5,9,15,25")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--target", type=float, default=0.8)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    diffusers_logging.set_verbosity_error()
-    nfes = [int(n) for n in args.nfe.split(",")]
+    args, nfes = parse_arguments(__doc__)
     start = time.perf_counter()
     ratios: dict[str, dict[tuple[str, float, int], float]] = {name: {} for name in GRIDS}
     scheduler_gap = 0.0

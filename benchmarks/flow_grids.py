@@ -1,161 +1,119 @@
-"""Flow-matching models through EDMScheduler: which grid, and how we compare with diffusers' flow
-schedulers, on an exact flow-matching model (Gaussian data, exact velocity).
+"""Which default grid for flow-matching models: the evidence behind EDMScheduler's flow grid
+(`EDMScheduler._flow_noise_grid`, `FLOW_GRID_BOTTOM_EXPONENT`).
 
-    python benchmarks/flow_grids.py [--nfe 5,9,15,25,35] [--samples 256]
+    python benchmarks/flow_grids.py [--nfe 5,9,15,25] [--samples 128]
 
-The model: data y ~ N(mu, diag(lam)) in 3x8x8, flow x_t = (1 - t) y + t n, and the exact velocity
-v = E[n - y | x_t] = (x_t - D) / t with D the Gaussian oracle's ideal denoiser at
-sigma = t / (1 - t). Every sampler runs through the diffusers scheduler interface in the loop an
-SD3 / Flux pipeline runs: start from N(0, I) noise (these pipelines never multiply by
-init_noise_sigma), call the model at each timestep, `step`. The truth is the exact ODE solution
-from that pure noise at t = 1: y = mu + sqrt(lam) n. Reported: median over samples of the
-per-sample RMSE.
+Every candidate grid runs with each of our multistep solvers (dpmpp_2m, dpmpp_3m, unipc,
+unipc order 3) in the core sampler over the exact flow models of `flow_common` (eight data
+spectra x shifts 1 and 3, the truth the ODE from pure noise at t = 1); diffusers' six flow
+schedulers (`flow_common.diffusers_flow_schedulers`) run in the SD3 loop. Per grid and cell
+(data, shift, NFE): best of our solvers on that grid / best of diffusers. Printed per grid: the
+geometric mean of that ratio over all cells, the worst cell, how many cells miss the issue's
+0.8, and the worst ratio per data set. N model calls = N grid steps. Grids:
 
-Data spectra (none tuned for): "latent" (std log-spaced 0.3 .. 1.5, like SD3/Flux latents after
-their scaling), "stiff" (std 0.03 .. 1, the built-in Gaussian's), "wide" (std 0.1 .. 3).
-Shifts: 1 (no shift) and 3 (SD3's). Rows:
+- own from 80: the flow model's own time grid linspace(1, 1/N, N), shifted, scaled so that
+  t = 1 lands on sigma_max = 80 (EDMScheduler's flow default before the start from pure noise);
+- own: the same from pure noise, t = 1 -> sigma = inf (what Flux passes as `sigmas`);
+- logsnr 80: inf, then equal log-sigma steps over EDM's [0.002, 80];
+- loguniform b: inf, then equal log-sigma steps from s (N - 1) down to s / (N - 1)^b, s the
+  shift: the own grid's first and last levels below pure noise for b = 1, reaching further
+  down for b > 1 (EDMScheduler's default: b = FLOW_GRID_BOTTOM_EXPONENT = 1.5).
 
-- edm-heun: EDMScheduler's default for flow models: the model's own grid (Flux's time-uniform
-  flow times linspace(1, 1/N, N), scaled so that t = 1 lands on sigma_max = 80 after the shift,
-  then shifted like diffusers' flow schedulers shift them);
-- edm-heun capped: Flux's flow times as a pipeline passes them (set_timesteps(sigmas=...)):
-  shifted, each level clamped to sigma_max = 80 (levels the clamp makes equal are merged);
-- edm-heun t=1->2997: the same, but t = 1 taken to the shifted t = 1 - 1/1000 (where diffusers'
-  flow DPM-Solver starts) instead of 80;
-- edm-heun rho: the EDM rho = 7 grid on 0.002 .. 80 (the other families' default);
-- edm-heun rho x shift: that grid times the model's shift;
-- flow-euler / flow-heun: diffusers' FlowMatchEuler / FlowMatchHeun on their own grids;
-- dpmpp-2m-flow / unipc-flow: DPM-Solver++ 2M and UniPC (bh2) with use_flow_sigmas,
-  flow_shift, prediction_type flow_prediction.
-
-At the end: best EDMScheduler row / best diffusers row per NFE (the issue's target is <= 0.8 at
-NFE 5..25; EDMScheduler has only Heun and Euler today, the multistep solvers come with the plan
-executor).
+A last line checks that EDMScheduler's default in the SD3 loop is the core sampler on the
+"loguniform 1.5" grid (the same samples but for the float32 rounding of the timesteps).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
+import time
+from typing import Callable
 
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler
+from flow_common import (PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse, parse_arguments,
+                         sd3_loop, velocity_model)
 
+from edm_sampling import samplers
+from edm_sampling.denoisers import FlowDenoiser
 from edm_sampling.families import flow_sigma, flow_time
-from edm_sampling.oracles import GaussianOracle
-from edm_sampling.schedulers import EDMScheduler
-from edm_sampling.schedules import karras_sigmas
+from edm_sampling.schedulers import FLOW_GRID_BOTTOM_EXPONENT, EDMScheduler
+from edm_sampling.schedules import noise_start_sigmas
 
-SHAPE = (3, 8, 8)
-SPECTRA = {"latent": (0.3, 1.5), "stiff": (0.03, 1.0), "wide": (0.1, 3.0)}
-
-
-def gaussian(spectrum: str) -> GaussianOracle:
-    lo, hi = SPECTRA[spectrum]
-    n = math.prod(SHAPE)
-    std = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
-    mean = 0.5 * torch.sin(torch.arange(n, dtype=torch.float64) * 0.7)
-    return GaussianOracle(mean.reshape(SHAPE), (std**2).reshape(SHAPE))
+SOLVERS = (("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {}), ("unipc", {"order": 3}))
+Grid = Callable[[int, float], torch.Tensor]
 
 
-def velocity_model(oracle: GaussianOracle, num_train_timesteps: int = 1000):
-    """The exact velocity as a network of the flow pipeline's signature: v = (x_t - D) / t."""
-
-    def model(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        t = (torch.as_tensor(timestep, dtype=torch.float64) / num_train_timesteps).reshape(-1, *([1] * (x_t.ndim - 1)))
-        t = t.expand(x_t.shape[0], *t.shape[1:]).clamp(max=1.0)
-        x = x_t.double()
-        # at t = 1 exactly (FlowMatch schedulers start there) D is the data mean
-        sigma = flow_sigma(t.clamp(max=1 - 1e-12))
-        denoised = torch.where(t >= 1, oracle.mean.expand_as(x), oracle(x * (1 + sigma), sigma.flatten()))
-        return ((x - denoised) / t).to(x_t.dtype)
-
-    return model
+def own_times(n: int) -> torch.Tensor:
+    return torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
 
 
-def run(scheduler, model, noise: torch.Tensor, **set_kwargs) -> tuple[torch.Tensor, int]:
-    scheduler.set_timesteps(**set_kwargs)
-    x = noise.clone()
-    calls = 0
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x  # SD3 never scales
-        output = model(model_input, t)
-        calls += 1
-        x = scheduler.step(output, t, x, return_dict=False)[0]
-    return x, calls
+def own_from_80(n: int, shift: float) -> torch.Tensor:
+    t_top = flow_time(80.0 / shift)
+    return torch.cat([shift * flow_sigma(t_top * own_times(n)), torch.zeros(1, dtype=torch.float64)])
 
 
-def rmse(x: torch.Tensor, truth: torch.Tensor) -> float:
-    per_sample = (x.double() - truth).pow(2).flatten(1).mean(1).sqrt()
-    return statistics.median(per_sample.tolist())
+def own_from_noise(n: int, shift: float) -> torch.Tensor:
+    return torch.cat([shift * flow_sigma(own_times(n)), torch.zeros(1, dtype=torch.float64)])
 
 
-def samplers(shift: float, nfe: int):
-    """(name, scheduler, set_timesteps kwargs) at `nfe` model calls, or None where the NFE does not fit."""
-    flow_config = FlowMatchEulerDiscreteScheduler(shift=shift).config
-    heun_steps = (nfe + 1) // 2 if nfe % 2 == 1 else None
-    rows = []
-    if heun_steps:
-        plain = FlowMatchEulerDiscreteScheduler(shift=1.0).config  # takes flow times as they are
-        rho = karras_sigmas(heun_steps, 0.002, 80.0)[:-1]
-        capped = torch.linspace(1.0, 1.0 / heun_steps, heun_steps, dtype=torch.float64)
-        capped = flow_time(shift * flow_sigma(capped.clamp(max=1 - 1e-3)))
-        rows += [
-            ("edm-heun", EDMScheduler.from_config(flow_config), {"num_inference_steps": heun_steps}),
-            ("edm-heun capped", EDMScheduler.from_config(flow_config),
-             {"sigmas": torch.linspace(1.0, 1.0 / heun_steps, heun_steps).tolist()}),
-            ("edm-heun t=1->2997", EDMScheduler.from_config(plain, sigma_max=1e4), {"sigmas": capped.tolist()}),
-            ("edm-heun rho", EDMScheduler.from_config(plain), {"sigmas": flow_time(rho).tolist()}),
-            ("edm-heun rho x shift", EDMScheduler.from_config(plain, sigma_max=1e4), {"sigmas": flow_time(rho * shift).tolist()}),
-            ("flow-heun", FlowMatchHeunDiscreteScheduler(shift=shift), {"num_inference_steps": heun_steps}),
-        ]
-    rows += [
-        ("edm-euler", EDMScheduler.from_config(flow_config, solver="euler"), {"num_inference_steps": nfe}),
-        ("flow-euler", FlowMatchEulerDiscreteScheduler(shift=shift), {"num_inference_steps": nfe}),
-        ("dpmpp-2m-flow", DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"),
-         {"num_inference_steps": nfe}),
-        ("unipc-flow", UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"),
-         {"num_inference_steps": nfe}),
-    ]
-    return rows
+def logsnr_80(n: int, shift: float) -> torch.Tensor:
+    return noise_start_sigmas(n, 0.002, 80.0)
+
+
+def loguniform(bottom_exponent: float) -> Grid:
+    def grid(n: int, shift: float) -> torch.Tensor:
+        k = max(n - 1, 1)
+        return noise_start_sigmas(n, shift / k**bottom_exponent, shift * k)
+
+    return grid
+
+
+GRIDS: dict[str, Grid] = {
+    "own from 80": own_from_80,
+    "own": own_from_noise,
+    "logsnr 80": logsnr_80,
+    **{f"loguniform {b:g}": loguniform(b) for b in (1.0, 1.25, 1.5, 1.75, 2.0)},
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nfe", default="5,9,15,25,35")
-    parser.add_argument("--samples", type=int, default=256)
-    args = parser.parse_args()
-    nfes = [int(n) for n in args.nfe.split(",")]
-    noise = torch.randn((args.samples, *SHAPE), generator=torch.Generator().manual_seed(1))
-    for spectrum in SPECTRA:
-        oracle = gaussian(spectrum)
-        truth = oracle.mean + oracle.variance.sqrt() * noise.double()
-        model = velocity_model(oracle)
-        for shift in (1.0, 3.0):
-            table: dict[str, dict[int, float]] = {}
+    args, nfes = parse_arguments(__doc__)
+    start = time.perf_counter()
+    ratios: dict[str, dict[tuple[str, float, int], float]] = {name: {} for name in GRIDS}
+    scheduler_gap = 0.0
+    for problem, make in PROBLEMS.items():
+        oracle = make()
+        noise = torch.randn((args.samples, *oracle.sample_shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        truth, model = exact_solution(oracle, noise), velocity_model(oracle)
+        denoiser = FlowDenoiser(model)
+        for shift in SHIFTS:
             for nfe in nfes:
-                for name, scheduler, kwargs in samplers(shift, nfe):
-                    sample, calls = run(scheduler, model, noise, **kwargs)
-                    if calls != nfe and name != "edm-heun capped":
-                        raise RuntimeError(f"{name}: {calls} model calls, expected {nfe}")
-                    table.setdefault(name, {})[nfe] = rmse(sample, truth)
-            print(f"\n## data {spectrum} (std {SPECTRA[spectrum][0]} .. {SPECTRA[spectrum][1]}), shift {shift:g}: "
-                  "median per-sample RMSE vs the exact ODE solution (lower is better)")
-            print(f"{'sampler':<24}" + "".join(f"{n:>10}" for n in nfes))
-            for name, row in table.items():
-                print(f"{name:<24}" + "".join(f"{row[n]:>10.4g}" if n in row else f"{'-':>10}" for n in nfes))
-            ratios = []
-            for n in nfes:
-                ours = min(row[n] for name, row in table.items() if name.startswith("edm-") and n in row)
-                theirs = min(row[n] for name, row in table.items() if not name.startswith("edm-") and n in row)
-                ratios.append(ours / theirs)
-            print(f"{'best edm / best diffusers':<24}" + "".join(f"{r:>10.2f}" for r in ratios))
+                theirs = min(median_rmse(sd3_loop(scheduler, model, noise.float(), num_inference_steps=steps)[0], truth)
+                             for _, scheduler, steps in diffusers_flow_schedulers(shift, nfe))
+                for name, grid in GRIDS.items():
+                    ours = min(median_rmse(samplers.sample(denoiser, noise, grid(nfe, shift), solver=solver,
+                                                           state_dtype=torch.float64, **options).sample, truth)
+                               for solver, options in SOLVERS)
+                    ratios[name][(problem, shift, nfe)] = ours / theirs
+                scheduler = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=shift).config, solver="unipc")
+                through_scheduler, _ = sd3_loop(scheduler, model, noise, num_inference_steps=nfe)
+                core = samplers.sample(denoiser, noise, loguniform(FLOW_GRID_BOTTOM_EXPONENT)(nfe, shift), solver="unipc")
+                scheduler_gap = max(scheduler_gap, (through_scheduler.double() - core.sample).abs().max().item())
+        print(f"{problem} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    problems = list(PROBLEMS)
+    print(f"\n## best of our solvers on each grid / best of diffusers' six flow schedulers, NFE {nfes}, shifts {SHIFTS}:"
+          f" geometric mean, worst, cells above {args.target}, worst per data set (lower is better)")
+    print(f"{'grid':<16}{'gmean':>7}{'worst':>7}{'misses':>7} " + " ".join(f"{p[:10]:>10}" for p in problems))
+    for name, cells in ratios.items():
+        values = list(cells.values())
+        gmean = math.exp(sum(map(math.log, values)) / len(values))
+        misses = sum(v > args.target for v in values)
+        per_problem = [max(v for (p, _, _), v in cells.items() if p == problem) for problem in problems]
+        print(f"{name:<16}{gmean:>7.2f}{max(values):>7.2f}{misses:>7} " + " ".join(f"{v:>10.2f}" for v in per_problem))
+    print(f"\nEDMScheduler(unipc) default in the SD3 loop vs the core sampler on 'loguniform {FLOW_GRID_BOTTOM_EXPONENT:g}': "
+          f"max abs difference {scheduler_gap:.2g} (float64 states; the transformer's timesteps are float32)")
+    print(f"wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

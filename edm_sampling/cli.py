@@ -116,7 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
+        _close_process_group()
     return int(result or 0)
+
+
+def _close_process_group() -> None:
+    """Tear down the torch.distributed group a multi-process run (torchrun / accelerate launch)
+    formed, before the interpreter exits: a gloo group left to process exit can abort it
+    ("terminate called without an active exception") after the results are written."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _one_line(error: BaseException) -> str:

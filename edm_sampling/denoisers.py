@@ -93,10 +93,13 @@ class Denoiser(nn.Module):
 
     `sigma_min` / `sigma_max` bound the noise levels the model supports; `round_sigma` maps a
     noise level to one the model can represent exactly (identity unless discrete).
+    `infinite_sigma`: D can be called at sigma = inf (pure noise) on x / sigma, the noise itself
+    (flow-matching models: D(n; inf) = lim D(sigma n; sigma), the data mean).
     """
 
     sigma_min: float = 0.0
     sigma_max: float = math.inf
+    infinite_sigma: bool = False
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma
@@ -130,6 +133,10 @@ class PreconditionedDenoiser(Denoiser):
     @property
     def sigma_max(self) -> float:  # type: ignore[override]
         return self.family.sigma_max
+
+    @property
+    def infinite_sigma(self) -> bool:  # type: ignore[override]
+        return self.family.infinite_sigma
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.family.round_sigma(sigma)

@@ -104,9 +104,14 @@ def flow_coefficients(sigma: torch.Tensor) -> Coefficients:
     and the input scale is c_in = 1 - t = 1 / (1 + sigma). The exact denoiser is
     D = x_t - t v = x_edm / (1 + sigma) - sigma / (1 + sigma) v:
     c_skip = 1 / (1 + sigma), c_out = -sigma / (1 + sigma), c_in = 1 / (1 + sigma).
+
+    Pure noise, t = 1 (sigma = inf), where SD3 / Flux start: a state at sigma = inf is held as
+    x_edm / sigma = n (`Family.infinite_sigma`), on which the coefficients are the limits of
+    (sigma c_skip, c_out, sigma c_in) = (1, -1, 1): D = n - v(n; t = 1), the data mean.
     """
-    c_in = 1 / (1 + sigma)
-    return Coefficients(c_in, -sigma * c_in, c_in)
+    at_infinity = torch.isinf(sigma)
+    c_in = torch.where(at_infinity, torch.ones_like(sigma), 1 / (1 + sigma))
+    return Coefficients(c_in, -flow_time(sigma), c_in)
 
 
 def edm_c_noise(sigma: torch.Tensor) -> torch.Tensor:
@@ -127,8 +132,10 @@ def vp_c_noise(
 
 
 def flow_time(sigma: Any) -> Any:
-    """The flow time of noise level sigma: t = sigma / (1 + sigma)."""
-    return sigma / (1 + sigma)
+    """The flow time of noise level sigma: t = sigma / (1 + sigma); t = 1 at sigma = inf."""
+    if isinstance(sigma, torch.Tensor):
+        return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+    return 1.0 if sigma == math.inf else sigma / (1 + sigma)
 
 
 def flow_sigma(t: Any) -> Any:
@@ -174,6 +181,10 @@ class Family:
     name = "family"
     sigma_min = 0.0  # supported noise levels (dataclass fields or properties in subclasses)
     sigma_max = math.inf
+    infinite_sigma = False
+    """True when D can be evaluated at sigma = inf (pure noise): the state there is held as
+    x_edm / sigma (the noise itself), and `coefficients`, `input_scale` and `net_time` give
+    their limits on it."""
 
     @property
     def integer_timesteps(self) -> bool:
@@ -413,7 +424,8 @@ class FlowMatching(Family):
 
     `shift`, `use_dynamic_shifting` and `time_shift_type` are how the model's scheduler shifts
     flow times (`flow_shift_factor`, `sigmas_of_flow_times`): with time-uniform flow times, the
-    model's preferred grid. Supported range: every t in (0, 1), i.e. any sigma.
+    model's preferred grid. Supported range: every t in (0, 1], i.e. any sigma, and pure noise
+    (t = 1, sigma = inf) too.
     """
 
     num_train_timesteps: int = 1000
@@ -421,6 +433,7 @@ class FlowMatching(Family):
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
     name = "flow"
+    infinite_sigma = True  # t = 1: see flow_coefficients
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.shift) and self.shift > 0):

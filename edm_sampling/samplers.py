@@ -44,6 +44,7 @@ from .solvers import (
     Combination,
     SolverPlan,
     check_churn,
+    check_infinite_start,
     churn_gammas,
     churn_noise_std,
     euler_step,
@@ -134,6 +135,13 @@ def randn(
 
 
 # --- executing a plan ----------------------------------------------------------------------------
+
+
+def check_infinite_sigma(denoiser: Any) -> None:
+    """A ValueError unless `denoiser` can be called at sigma = inf (`Denoiser.infinite_sigma`)."""
+    if not getattr(denoiser, "infinite_sigma", False):
+        raise ValueError("sigmas start at inf (pure noise), but this denoiser cannot be called there (only "
+                         "flow-matching models can: infinite_sigma is False); start at a finite sigma_max")
 
 
 @dataclass
@@ -299,13 +307,19 @@ def sample(
     sigma_hat_i) and draws the noise that lifts sigma_{i+1} to sigma_hat_{i+1} with `generator`
     (a list = one per sample). Heun makes 2N - 1 calls for N steps ending at 0, the multistep
     solvers N (N - 1 under afs). The grid and every sigma_hat are passed through `round_sigma`
-    (default: the denoiser's) so the ODE is solved at levels the model represents. Every check
-    runs before the first model call.
+    (default: the denoiser's) so the ODE is solved at levels the model represents. `sigmas` may
+    start at inf (pure noise, `latents` the noise itself) for the solvers that can start there
+    (`solvers.SolverInfo.infinite_start`) and denoisers that can be called there (flow matching:
+    `Denoiser.infinite_sigma`). Every check runs before the first model call.
     """
     check_sampling_inputs(denoiser, latents, callback=callback, round_sigma=round_sigma)
     sigmas = _as_grid(sigmas)
-    check_sigmas(sigmas)
     info = solver_info(solver)
+    from_noise = sigmas.ndim == 1 and sigmas.numel() > 0 and float(sigmas[0]) == math.inf
+    if from_noise:
+        check_infinite_start(solver)
+        check_infinite_sigma(denoiser)
+    check_sigmas(sigmas, infinite_start=from_noise)
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
     check_kinds(afs=(afs, "bool"), check_finite=(check_finite, "bool"), progress=(progress, "bool"))
     _as_dict("model_kwargs", model_kwargs)

@@ -18,6 +18,9 @@ module only maps the pipeline protocol onto them:
   flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity, and
   VP, EDM and flow models start from noise of std ~1 and work in pipelines that never scale
   (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
+- flow models with the solvers that can start from pure noise (euler, dpmpp_2m / 3m, unipc)
+  start at t = 1 (sigma = inf), where SD3 / Flux start: the state there is x_t = n, held as
+  x_edm / sigma (`solvers`); heun, ipndm, ipndm_v and deis start at sigma_max;
 - one `step` per model call: the plan's Step of that call (D from the network output, then
   its updates); `timesteps` are what the network receives at each call (`family.net_time`),
   and `order` is the calls per grid step (2 for Heun, whose timesteps may repeat; a call index,
@@ -79,6 +82,7 @@ from .schedules import (
     check_sigmas,
     check_sigmas_in_range,
     clamp_sigma_range,
+    noise_start_sigmas,
     read_schedule_file,
     sigma_grid,
 )
@@ -96,6 +100,11 @@ from .solvers import (
 )
 
 _STATE_DTYPES = (torch.float32, torch.float64)
+FLOW_GRID_BOTTOM_EXPONENT = 1.5
+"""A flow model's default grid from pure noise ends at s / (N - 1)^1.5 (see `_flow_noise_grid`).
+Of the exponents 1, 1.25, 1.5, 1.75 and 2, 1.5 missed issue 12's target (0.8 x diffusers' best
+flow scheduler) in the fewest cells, 5 of 64, with a geometric-mean ratio of 0.23 (best: 0.22)
+over 8 data spectra, shifts 1 and 3, NFE 5 / 9 / 15 / 25 (benchmarks/flow_grids.py)."""
 # config keys that describe the model: always stored explicitly, so that another scheduler made
 # from this config (`X.from_config(edm.config)`) sees the model's values, not its own defaults
 _MODEL_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -116,7 +125,9 @@ class _Call:
     skipped call's D = 0), so each becomes a multiply and fused adds. D = denoised[0] X[-1] +
     denoised[1] F from the network output F (the family's c_skip / state_scale and c_out, with
     its output convention). `start_std` is the std of pure noise at this call in x_edm units,
-    churn folded in (where img2img starts)."""
+    churn folded in (where img2img starts); `signal_scale` is the clean data's scale in the
+    pipeline's state there: state_scale, but 0 at sigma = inf, where the state is held as
+    x_edm / sigma and is the noise itself (start_std 1)."""
 
     index: int  # the call's position in the plan's calls
     step: Step
@@ -124,6 +135,7 @@ class _Call:
     state_scale: float
     denoised: tuple[float, float]
     start_std: float
+    signal_scale: float
     updates: tuple[tuple[tuple[_Term, ...], float], ...]  # per update: its terms, its noise std
 
 
@@ -209,14 +221,17 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             by the data-mean estimate D = 0, so N calls cover a grid of N + 1 steps.
         schedule: the grid, one of `schedules.SCHEDULES` ("karras", "logsnr", "time_uniform",
             "time_quadratic", "vp", "ve", "iddpm", "ays", "gits"); None: the solver's own
-            default (heun: karras with `rho`; flow models: their own shifted time-uniform grid).
+            default (heun: karras with `rho`; flow models: from pure noise, equal steps in
+            log sigma over the range their own shifted time grid spans (`_flow_noise_grid`),
+            or, for solvers that cannot start there, their own grid from sigma_max).
         schedule_file: a JSON grid file written by `edm-sampling tune --schedule` (instead of
             `schedule`); it must hold a grid of the step count asked for.
         final_step: the step to sigma = 0 of dpmpp_2m / dpmpp_3m / unipc: "extrapolate" (their
             default: the denoised trajectory extrapolated to sigma = 0 in sigma^2,
             `solvers.final_denoised`) or "denoise" (x = D at the last call, the published rule).
         sigma_min, sigma_max, rho: the grid's range, clamped to the model's (discrete VP: the
-            noise levels of its alphas_cumprod), and the karras grid's rho.
+            noise levels of its alphas_cumprod), and the karras grid's rho. Flow models' own
+            grids from pure noise are not capped by sigma_max (the model is trained at every t).
         s_churn, s_tmin, s_tmax, s_noise: Algorithm 2's churn (heun and euler only); s_tmax
             None means infinity.
         model_family: "discrete_vp" (DDPM-family nets on discrete timesteps; "vp" is read as
@@ -324,8 +339,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self._grid: torch.Tensor | None = None
         self._plan: SolverPlan | None = None
         self._calls: list[_Call] = []
-        hi = self.sigma_range[1]
-        self._init_noise_sigma = float(self._family.input_scale(torch.tensor(hi, dtype=torch.float64))) * hi
+        hi = math.inf if self._from_noise else self.sigma_range[1]
+        hi_scale = float(self._family.input_scale(torch.tensor(hi, dtype=torch.float64)))
+        self._init_noise_sigma = initial_noise_std(hi, hi) * hi_scale
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._warned_eta = False
@@ -429,13 +445,39 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         t_top = float(flow_time(torch.tensor(self.sigma_range[1] / self._family.shift_factor(mu), dtype=torch.float64)))
         return t_top * torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
 
+    @property
+    def _from_noise(self) -> bool:
+        """Flow grids start at pure noise (t = 1, sigma = inf), where SD3 / Flux start: the family
+        can be called there and the solver can start there (`SolverInfo.infinite_start`)."""
+        return self._family.infinite_sigma and solver_info(self.config.solver).infinite_start
+
     def _flow_grid(self, times: Sequence[float] | torch.Tensor, mu: float | None) -> torch.Tensor:
         """A flow model's grid from flow times: shifted as the model's scheduler shifts them
-        (`FlowMatching.sigmas_of_flow_times`), each level clamped to `sigma_range` (t = 1, pure
-        noise, becomes sigma_max) and levels that the clamp makes equal merged."""
+        (`FlowMatching.sigmas_of_flow_times`), each level clamped to `sigma_range` and levels that
+        the clamp makes equal merged. Solvers that start from pure noise keep t = 1 as
+        sigma = inf and every level above sigma_min as given (a flow model is trained at every
+        t); for the others t = 1 becomes sigma_max."""
         sigmas = self._family.sigmas_of_flow_times(times, mu)
-        positive = sigmas[sigmas > 0].clamp(*self.sigma_range)
+        lo, hi = self.sigma_range
+        positive = sigmas[sigmas > 0].clamp(lo, math.inf if self._from_noise else hi)
         return torch.cat([torch.unique_consecutive(positive), sigmas[sigmas <= 0]])
+
+    def _flow_noise_grid(self, num_steps: int, mu: float | None) -> torch.Tensor:
+        """A flow model's default grid for the solvers that start from pure noise
+        (`schedules.noise_start_sigmas`): sigma = inf, then equal steps in lambda = -log sigma (the
+        variable DPM-Solver++ and UniPC integrate in) from the model's own first level below pure
+        noise, s (N - 1) (its time grid's t = 1 - 1/N, s the shift factor), down to
+        s / (N - 1)^FLOW_GRID_BOTTOM_EXPONENT (at least sigma_min). The model's own last level,
+        s / (N - 1) at t = 1/N, is extended downwards because an error left at the bottom stays in
+        the sample, while one made at sigma is damped by a / sqrt(a^2 + sigma^2) for data of std a
+        by the rest of the ODE (measured: benchmarks/flow_grids.py)."""
+        s = self._family.shift_factor(mu)
+        top = s * max(num_steps - 1, 1)
+        bottom = max(s / max(num_steps - 1, 1) ** FLOW_GRID_BOTTOM_EXPONENT, self.sigma_range[0])
+        if num_steps > 2 and not bottom < top:
+            raise ValueError(f"sigma_min={self.config.sigma_min!r} must be below {top:.6g}, the top of the flow grid of "
+                             f"{num_steps} steps from pure noise")
+        return noise_start_sigmas(num_steps, bottom, top)
 
     def _grid_steps(self, num_inference_steps: int) -> int:
         """Grid steps for `num_inference_steps`: N for Heun (2N - 1 calls), else N calls (N + 1
@@ -451,6 +493,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             return self._schedule_file.grid_for_steps(num_steps, "schedule_file")
         name = self.config.schedule
         if name is None and isinstance(self._family, FlowMatching):
+            if self._from_noise:
+                return self._flow_noise_grid(num_steps, mu)
             grid = self._flow_grid(self._flow_times(num_steps, mu), mu)
             return torch.cat([grid, grid.new_zeros(1)])
         info = solver_info(self.config.solver)
@@ -502,7 +546,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
                 updates.append((tuple(terms), update.noise_std * out))
                 state_scales.append(out)
             start_std = initial_noise_std(step.level, step.sigma, self.config.s_noise)
-            calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std, tuple(updates)))
+            signal_scale = 0.0 if step.sigma == math.inf else scales[k]
+            calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std, signal_scale,
+                               tuple(updates)))
         return calls
 
     # --- set_timesteps ----------------------------------------------------------------------------
@@ -518,11 +564,12 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         """Build the grid, the churn levels and the solver plan, with one timestep per model call.
 
         `num_inference_steps`: N grid steps for Heun, N model calls for every other solver, on
-        the default grid (`schedule` / `schedule_file` / the solver's own; flow models: their
-        own time-uniform flow times shifted as their scheduler shifts them).
+        the default grid (`schedule` / `schedule_file` / the solver's own; flow models: see
+        `_flow_noise_grid`, or for solvers that cannot start from pure noise their own
+        time-uniform flow times shifted as their scheduler shifts them).
         `sigmas`: a custom decreasing grid (a final 0 is appended when missing), in sigma units;
         for flow models, flow times in [0, 1] before the model's shift, as diffusers' flow
-        schedulers take them (SD3 / Flux pipelines pass these).
+        schedulers take them (SD3 / Flux pipelines pass these); t = 1 is pure noise.
         `timesteps`: the network timesteps themselves (discrete VP train timesteps, VE sigmas,
         flow t * M), decreasing.
         `mu`: the dynamic time shift SD3 / Flux pipelines pass (flow models with
@@ -543,7 +590,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             grid = _as_grid(sigmas)
             if grid.numel() > 0 and float(grid[-1]) != 0.0:
                 grid = torch.cat([grid, grid.new_zeros(1)])
-            check_sigmas(grid, "sigmas" if timesteps is None else "timesteps")
+            check_sigmas(grid, "sigmas" if timesteps is None else "timesteps", infinite_start=self._from_noise)
         else:
             grid = self._named_grid(self._grid_steps(num_inference_steps), mu)
         check_sigmas_in_range(grid, self._family.sigma_min, self._family.sigma_max, "sigmas" if timesteps is None else "timesteps")
@@ -579,8 +626,10 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             return family.sigma_of_time(t)
         if isinstance(family, FlowMatching):
             m = family.num_train_timesteps
-            if not bool(((t >= 0) & (t < m)).all()):
-                raise ValueError(f"timesteps of a flow-matching model must lie in [0, {m}) (flow t * {m}), got {t.tolist()}")
+            top = "]" if self._from_noise else ")"  # t = 1: pure noise, for solvers that start there
+            if not bool(((t >= 0) & ((t <= m) if self._from_noise else (t < m))).all()):
+                raise ValueError(f"timesteps of a flow-matching model must lie in [0, {m}{top} (flow t * {m}) for solver "
+                                 f"{self.config.solver!r}, got {t.tolist()}")
             return flow_sigma(t / m)
         if self.config.model_family == "ve":
             return t
@@ -725,7 +774,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
 
         The level is the current call's (inpainting, mid-loop), else `begin_index`'s (img2img
         start), else each timestep is looked up in `self.timesteps`. At the first call of a
-        step the churn is folded in (initial_noise_std), as at the start of sampling.
+        step the churn is folded in (initial_noise_std), as at the start of sampling. At
+        sigma = inf (a flow model's t = 1) the result is the noise itself.
         """
         if not self._calls:
             raise ValueError("call set_timesteps before add_noise")
@@ -737,7 +787,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             indices = [self._index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
         dtype = torch.promote_types(original_samples.dtype, torch.float32)
         stds = [self._calls[k].start_std * self._calls[k].state_scale for k in indices]
-        scales = [self._calls[k].state_scale for k in indices]
+        scales = [self._calls[k].signal_scale for k in indices]
         if len(set(indices)) == 1:
             std, scale = stds[0], scales[0]
         else:

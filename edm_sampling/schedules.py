@@ -52,12 +52,14 @@ VP_EPSILON_S = 1e-3
 TimeMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-def check_sigmas(sigmas: torch.Tensor, name: str = "sigmas") -> None:
+def check_sigmas(sigmas: torch.Tensor, name: str = "sigmas", infinite_start: bool = False) -> None:
     """A sampling grid: 1-D, at least 2 levels, finite, strictly decreasing, last >= 0, others > 0;
-    a ValueError naming `name` otherwise."""
+    a ValueError naming `name` otherwise. With `infinite_start` the first level may be +inf (a
+    start from pure noise, for the solvers and models that allow it)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"{name} must be a 1-D sequence of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
-    if not bool(torch.isfinite(sigmas).all()):
+    finite = sigmas[1:] if infinite_start and float(sigmas[0]) == math.inf else sigmas
+    if not bool(torch.isfinite(finite).all()):
         raise ValueError(f"{name} must be finite, got {sigmas.tolist()}")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"{name} must be strictly decreasing, got {sigmas.tolist()}")
@@ -133,6 +135,17 @@ def logsnr_sigmas(num_steps: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: f
     if num_steps > 1:
         sigmas[-1] = sigma_min
     return _append_zero(sigmas)
+
+
+def noise_start_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """A grid from pure noise: sigma = inf (flow matching's t = 1), then N - 1 steps equal in
+    log sigma from sigma_max down to sigma_min (`logsnr_sigmas`), then 0; one step is [inf, 0],
+    two are [inf, sigma_max, 0]. For the solvers that can start at inf (`solvers.SolverInfo`)."""
+    check_num_steps(num_steps)
+    start = torch.tensor([math.inf], dtype=torch.float64)
+    if num_steps <= 2:
+        return torch.cat([start, torch.tensor([sigma_max, 0.0][2 - num_steps:], dtype=torch.float64)])
+    return torch.cat([start, logsnr_sigmas(num_steps - 1, sigma_min, sigma_max)])
 
 
 def ve_sigmas(num_steps: int, sigma_min: float = VE_SIGMA_MIN, sigma_max: float = VE_SIGMA_MAX) -> torch.Tensor:

@@ -14,6 +14,18 @@ ipndm / ipndm_v (Zhang & Chen 2023; Zhou et al. 2024), dpmpp_2m / dpmpp_3m (Lu e
 DPM-Solver++), unipc (Zhao et al. 2023, bh2) and deis (Zhang & Chen 2023, tAB). Churn applies to
 euler and heun; the analytical first step (`afs`, Dockhorn et al. 2022 / Zhou et al. 2024: D = 0,
 the data mean, at sigma_max instead of a model call) to every one-call-per-step solver.
+
+Pure noise (sigma_0 = inf, where flow-matching pipelines start, t = 1): x_edm / sigma -> n as
+sigma -> inf, so a state at sigma = inf is held as x / sigma, the noise itself (X[0] = latents,
+init_std = 1), and D is called there on it (`denoisers.Denoiser.infinite_sigma`). The
+exponential integrators carry it exactly: their state term (sigma_next / sigma) x becomes
+sigma_next n (`exponential_decay`) and h = inf reduces every order to the first-order step
+x_1 = sigma_1 n + D_0, which is also Euler's limit. In u = 1 / sigma the ODE reads
+d(x / sigma) / du = D, regular at u = 0: UniPC's corrector of x_1 takes its h = inf limit,
+x_1 = sigma_1 n + (D_0 + D_1) / 2, the trapezoidal rule in u, and the second-order step after
+the start takes D's lambda-slope at lambda_1 from D linear in u (`noise_start_update`). No other
+step reaches back to lambda = -inf (the warm start counts from the first finite level). Heun,
+iPNDM and DEIS step in sigma (or t) and cannot start there (`SolverInfo.infinite_start`).
 """
 
 from __future__ import annotations
@@ -95,7 +107,10 @@ def churn_noise_std(sigma: float, sigma_hat: float, s_noise: float = 1.0) -> flo
 def initial_noise_std(sigma_0: float, sigma_hat_0: float, s_noise: float = 1.0) -> float:
     """The std of x_hat_0 when x_0 = sigma_0 z is churned to sigma_hat_0:
     sqrt(sigma_0^2 + (sigma_hat_0^2 - sigma_0^2) S_noise^2). Starting from z times this is
-    Algorithm 2's first step exactly in distribution, with one noise draw."""
+    Algorithm 2's first step exactly in distribution, with one noise draw. From sigma_0 = inf
+    (pure noise) it is 1: the state there is held as x / sigma, the noise itself."""
+    if sigma_0 == math.inf:
+        return 1.0
     return math.sqrt(sigma_0**2 + churn_noise_std(sigma_0, sigma_hat_0, s_noise) ** 2)
 
 
@@ -125,7 +140,8 @@ class Step:
 
 @dataclass(frozen=True)
 class SolverPlan:
-    """A solver on one grid. X[0] = init_std * latents; the sample is the last X.
+    """A solver on one grid. X[0] = init_std * latents; the sample is the last X. A grid that
+    starts at sigma = inf holds X[0] as x / sigma: init_std = 1, X[0] the noise itself.
 
     `sigma_hats[i]` is where grid step i starts (sigma_hat_i under churn, else sigma_i); `nfe`
     counts the steps that call the model; `state_history` / `denoised_history` are the deepest
@@ -166,10 +182,23 @@ def _combination(fn: Callable[..., float], num_states: int, num_denoised: int, n
     return Combination(trimmed(coefficients[:num_states]), trimmed(coefficients[num_states:]), noise_std)
 
 
-def _levels(sigmas: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+def _levels(sigmas: Sequence[float] | torch.Tensor, solver: str) -> tuple[float, ...]:
+    """The checked grid of `solver`; it may start at sigma = inf if the solver can start there."""
     grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
-    check_sigmas(grid)
+    if grid.numel() > 0 and float(grid[0]) == math.inf:
+        check_infinite_start(solver)
+        check_sigmas(grid, infinite_start=True)
+    else:
+        check_sigmas(grid)
     return tuple(grid.tolist())
+
+
+def check_infinite_start(solver: str) -> None:
+    """A ValueError unless `solver` can start at sigma = inf (pure noise)."""
+    if not solver_info(solver).infinite_start:
+        able = [name for name, info in SOLVERS.items() if info.infinite_start]
+        raise ValueError(f"sigmas start at inf (pure noise), where solver {solver!r} cannot start (it steps in sigma); "
+                         f"start it at a finite sigma_max, or use one of the solvers {able}")
 
 
 def _check_afs(afs: bool, levels: tuple[float, ...]) -> None:
@@ -189,10 +218,12 @@ def _check_lower_order_final(lower_order_final: bool) -> None:
         raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
 
 
-def _step_orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
-    """Order of each multistep step: warm start min(order, i + 1); with lower_order_final on grids
-    of fewer than LOWER_ORDER_FINAL_BELOW steps also at most N - i (the last step first order)."""
-    orders = [min(order, i + 1) for i in range(num_steps)]
+def _step_orders(num_steps: int, order: int, lower_order_final: bool, infinite_start: bool = False) -> list[int]:
+    """Order of each multistep step: warm start min(order, i + 1), from sigma = inf min(order, i)
+    after the first step (the call at lambda = -inf is no point of a Taylor expansion in lambda);
+    with lower_order_final on grids of fewer than LOWER_ORDER_FINAL_BELOW steps also at most
+    N - i (the last step first order)."""
+    orders = [max(1, min(order, i if infinite_start else i + 1)) for i in range(num_steps)]
     if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
         orders = [min(o, num_steps - i) for i, o in enumerate(orders)]
     return orders
@@ -205,7 +236,7 @@ def _multistep_plan(
     steps = tuple(
         Step(None if afs and i == 0 else levels[i], levels[i], i, update(i)) for i in range(len(levels) - 1)
     )
-    return SolverPlan(solver, levels, levels[0], steps, levels[:-1])
+    return SolverPlan(solver, levels, initial_noise_std(levels[0], levels[0]), steps, levels[:-1])
 
 
 # --- Euler and Heun (Algorithms 1 and 2) -----------------------------------------------------------
@@ -224,7 +255,10 @@ def _churned(levels: tuple[float, ...], hats: Sequence[float] | None, s_noise: f
 
 
 def _euler_update(sigma: float, sigma_next: float, noise_std: float = 0.0) -> Combination:
-    """x_next = euler_step(x, ode_slope(x, D, sigma), sigma, sigma_next)."""
+    """x_next = euler_step(x, ode_slope(x, D, sigma), sigma, sigma_next); from sigma = inf its
+    limit, the first-order exponential step it equals (`dpmpp_update`: sigma_next n + D)."""
+    if sigma == math.inf:
+        return _combination(lambda x, d: dpmpp_update(x, (d,), (sigma,), sigma_next), 1, 1, noise_std)
     return _combination(lambda x, d: euler_step(x, ode_slope(x, d, sigma), sigma, sigma_next), 1, 1, noise_std)
 
 
@@ -237,7 +271,7 @@ def euler_plan(
 ) -> SolverPlan:
     """Euler (DDIM in EDM space; N calls for N steps), with churn when `sigma_hats` raise the
     levels (Algorithm 2's noise, Euler steps from (x_hat_i, sigma_hat_i))."""
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "euler")
     _check_afs(afs, levels)
     hats, after = _churned(levels, sigma_hats, s_noise)
     steps = tuple(
@@ -259,7 +293,7 @@ def heun_plan(
     a step to sigma = 0 is a plain Euler step. 2N - 1 calls for N steps ending at 0."""
     if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "heun")
     hats, after = _churned(levels, sigma_hats, s_noise)
     steps: list[Step] = []
     for i, (sigma, sigma_next) in enumerate(zip(hats, levels[1:])):
@@ -321,7 +355,7 @@ def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: b
     """iPNDM: x_{i+1} = x_i + h_i sum_k w_k d_{i-k} with the fixed AB weights of order
     min(order, i + 1) (warm start, no order drop at the end); h_i = sigma_{i+1} - sigma_i.
     Exact AB only on equal steps, so formally first order on other grids."""
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "ipndm")
     _check_order(order, 4, "ipndm")
     _check_afs(afs, levels)
 
@@ -345,7 +379,7 @@ def ipndm_v_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 4, afs:
     """iPNDM with variable-step AB coefficients: the slope interpolated as a polynomial in sigma
     through the last min(order, i + 1) points and integrated exactly over [sigma_i, sigma_{i+1}]
     (DEIS's rhoAB); order `order` on any grid."""
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "ipndm_v")
     _check_order(order, 4, "ipndm_v")
     _check_afs(afs, levels)
     return _variable_ab_plan("ipndm_v", levels, order, afs, lambda sigma: sigma)
@@ -358,7 +392,7 @@ def deis_plan(
     x_{i+1} = x_i + integral of d over sigma, with d interpolated as a polynomial in the model's
     time t(sigma) (default: the continuous VP t) through the last min(order, i + 1) points; the
     weights come from quadrature at set-up."""
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "deis")
     _check_order(order, 4, "deis")
     _check_afs(afs, levels)
     to_t = sigma_to_t or vp_time_maps()[0]
@@ -404,12 +438,39 @@ def _final_update(levels: tuple[float, ...], i: int, afs: bool, final_step: str)
     """The update of step i to sigma = 0: `final_denoised` of D_i alone ("denoise", and where
     there is no earlier model call: the first step, or the step after an analytical first step)
     or of D_i and D_{i-1} ("extrapolate")."""
-    n = 2 if final_step == "extrapolate" and i >= (2 if afs else 1) else 1
+    n = 2 if final_step == "extrapolate" and i >= (2 if afs else 1) and levels[i - 1] < math.inf else 1
     history = levels[i::-1][:n]
     return _combination(lambda x, *d: final_denoised(d, history), 1, n)
 
 
 # --- DPM-Solver++ multistep (data prediction, lambda = -log sigma) ----------------------------------
+
+
+def noise_start_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], sigma_next: float) -> float:
+    """The step after a start at sigma = inf, from x at sigmas[0] = sigma_1 to sigma_next, with
+    D_1 = denoised[0] and D_0 = denoised[1], the call at sigma = inf (sigmas[1]).
+
+    lambda_0 = -inf is no point of a Taylor expansion in lambda, but u = 1 / sigma = e^lambda is
+    regular there (in y = x / sigma the ODE is dy/du = D): with D linear in u on [0, u_1],
+    dD/dlambda = u dD/du = D_1 - D_0 at lambda_1. DPM-Solver++(2M)'s second-order step with that
+    slope is `dpmpp_update` with D_0 placed one unit of lambda before lambda_1 (at e sigma_1):
+    x_2 = r x_1 - phi_1 D_1 - phi_1 h (D_1 - D_0) / 2."""
+    return dpmpp_update(x, denoised, (sigmas[0], math.e * sigmas[0]), sigma_next)
+
+
+def _noise_start_step(levels: tuple[float, ...], i: int, order: int) -> Combination | None:
+    """`noise_start_update`'s Combination where step i (of `order` if the call at sigma = inf counted
+    as history) is the step after a start at sigma = inf and not to sigma = 0; else None."""
+    if not (i == 1 and levels[0] == math.inf and order >= 2 and levels[2] > 0):
+        return None
+    return _combination(lambda x, *d: noise_start_update(x, d, levels[1::-1], levels[2]), 1, 2)
+
+
+def exponential_decay(x: float, sigma: float, sigma_next: float) -> float:
+    """(sigma_next / sigma) x, the state term of the exact ODE solution from sigma to sigma_next
+    (x_next = r x + sigma_next * integral of e^lambda D). From sigma = inf, where the state is held
+    as x / sigma (the noise), it is sigma_next x."""
+    return sigma_next * x if sigma == math.inf else (sigma_next / sigma) * x
 
 
 def dpmpp_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], sigma_next: float) -> float:
@@ -431,7 +492,7 @@ def dpmpp_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], s
         return denoised[0]  # h = inf: every order reduces to x = D_i
     h = math.log(sigmas[0] / sigma_next)
     phi_1 = math.expm1(-h)
-    result = (sigma_next / sigmas[0]) * x - phi_1 * denoised[0]
+    result = exponential_decay(x, sigmas[0], sigma_next) - phi_1 * denoised[0]
     if len(denoised) == 1:
         return result
     r0 = math.log(sigmas[1] / sigmas[0]) / h
@@ -450,15 +511,19 @@ def dpmpp_update(x: float, denoised: Sequence[float], sigmas: Sequence[float], s
 def _dpmpp_plan(
     solver: str, sigmas: Sequence[float] | torch.Tensor, order: int, afs: bool, lower_order_final: bool, final_step: str
 ) -> SolverPlan:
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, solver)
     _check_afs(afs, levels)
     _check_lower_order_final(lower_order_final)
     _check_final_step(final_step)
-    orders = _step_orders(len(levels) - 1, order, lower_order_final)
+    orders = _step_orders(len(levels) - 1, order, lower_order_final, levels[0] == math.inf)
+    counting_noise = _step_orders(len(levels) - 1, order, lower_order_final)
 
     def update(i: int) -> tuple[Combination, ...]:
         if levels[i + 1] == 0:
             return (_final_update(levels, i, afs, final_step),)
+        after_noise = _noise_start_step(levels, i, counting_noise[i])
+        if after_noise is not None:
+            return (after_noise,)
         n = orders[i]
         history = levels[i::-1][:n]
         return (_combination(lambda x, *d: dpmpp_update(x, d, history, levels[i + 1]), 1, n),)
@@ -523,7 +588,7 @@ def unipc_update(
     rks = [math.log(sigmas[0] / sigmas[k]) / h for k in range(1, p)] + [1.0]
     differences = [(denoised[k] - denoised[0]) / rks[k - 1] for k in range(1, p)]
     phi_1, b_h, rows, b = _unipc_terms(h, rks, variant)
-    result = (sigma_next / sigmas[0]) * x - phi_1 * denoised[0]
+    result = exponential_decay(x, sigmas[0], sigma_next) - phi_1 * denoised[0]
     if denoised_next is None:
         if p == 1:
             return result
@@ -549,7 +614,7 @@ def unipc_plan(
     sigma_i, reusing that call's D (no extra NFE): Step i first corrects x_i from X[-2] (x_{i-1})
     and the D history including the new D_i, then predicts x_{i+1}. No corrector after the last
     call. Order p + 1 with the corrector. A step to sigma = 0 is `final_denoised`."""
-    levels = _levels(sigmas)
+    levels = _levels(sigmas, "unipc")
     _check_order(order, 3, "unipc")
     _check_afs(afs, levels)
     _check_lower_order_final(lower_order_final)
@@ -557,12 +622,19 @@ def unipc_plan(
         raise ValueError(f"variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
     if not isinstance(corrector, bool):
         raise ValueError(f"corrector must be True or False, got {corrector!r}")
+    if variant == "bh1" and corrector and levels[0] == math.inf:
+        raise ValueError("variant 'bh1' cannot correct the first step from sigma = inf (its B(h) = -h is infinite "
+                         "there); use variant 'bh2' or corrector=False")
     _check_final_step(final_step)
-    orders = _step_orders(len(levels) - 1, order, lower_order_final)
+    orders = _step_orders(len(levels) - 1, order, lower_order_final, levels[0] == math.inf)
+    counting_noise = _step_orders(len(levels) - 1, order, lower_order_final)
 
     def predictor(i: int) -> Combination:
         if levels[i + 1] == 0:
             return _final_update(levels, i, afs, final_step)
+        after_noise = _noise_start_step(levels, i, counting_noise[i])
+        if after_noise is not None:
+            return after_noise
         n = orders[i]
         history = levels[i::-1][:n]
         return _combination(lambda x, *d: unipc_update(x, d, history, levels[i + 1], variant), 1, n)
@@ -596,6 +668,7 @@ class SolverInfo:
     schedule / schedule_options: its default grid (`schedules.sigma_grid`).
     churn: Algorithm 2's churn applies. afs: the analytical first step applies.
     orders: the allowed `order` range, None when the solver has no order option.
+    infinite_start: its plans may start at sigma = inf (pure noise; see the module docstring).
     """
 
     plan: Callable[..., SolverPlan]
@@ -606,6 +679,7 @@ class SolverInfo:
     churn: bool = False
     afs: bool = True
     orders: tuple[int, int] | None = None
+    infinite_start: bool = False
 
     def steps_for_nfe(self, nfe: int, afs: bool = False) -> int:
         """The grid step count (grid ending at 0) whose model calls are the most not above `nfe`."""
@@ -628,15 +702,16 @@ SOLVERS: dict[str, SolverInfo] = {
     "heun": SolverInfo(heun_plan, "EDM Heun (Algorithm 1, alpha-generalized; Algorithm 2 with churn)",
                        "karras", {"rho": EDM_RHO}, calls_per_step=2, churn=True, afs=False),
     "euler": SolverInfo(euler_plan, "Euler = DDIM = DPM-Solver-1 in EDM space; churn allowed",
-                        "time_quadratic", churn=True),
+                        "time_quadratic", churn=True, infinite_start=True),
     "ipndm": SolverInfo(ipndm_plan, "iPNDM: fixed-weight Adams-Bashforth on d = (x - D)/sigma, orders 1..4 (default 3)",
                         "logsnr", orders=(1, 4)),
     "ipndm_v": SolverInfo(ipndm_v_plan, "iPNDM with variable-step Adams-Bashforth weights, orders 1..4 (default 4)",
                           "time_quadratic", orders=(1, 4)),
-    "dpmpp_2m": SolverInfo(dpmpp_2m_plan, "DPM-Solver++(2M), data prediction", "logsnr"),
-    "dpmpp_3m": SolverInfo(dpmpp_3m_plan, "DPM-Solver++(3M), data prediction, third order", "logsnr"),
+    "dpmpp_2m": SolverInfo(dpmpp_2m_plan, "DPM-Solver++(2M), data prediction", "logsnr", infinite_start=True),
+    "dpmpp_3m": SolverInfo(dpmpp_3m_plan, "DPM-Solver++(3M), data prediction, third order", "logsnr",
+                           infinite_start=True),
     "unipc": SolverInfo(unipc_plan, "UniPC bh2: UniP of order 1..3 (default 2) + UniC reusing the next call",
-                        "logsnr", orders=(1, 3)),
+                        "logsnr", orders=(1, 3), infinite_start=True),
     "deis": SolverInfo(deis_plan, "tAB-DEIS: Adams-Bashforth in the VP time t, orders 1..4 (default 3)",
                        "time_quadratic", orders=(1, 4)),
 }

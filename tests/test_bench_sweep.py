@@ -81,13 +81,22 @@ def _rows_key(rows):
     return [(r["sampler"], r["nfe"], r["error_mean"], r["error_median"], r["fd"]) for r in rows]
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (two test runs on one machine must not share one)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_one_and_two_processes_give_the_same_results(tmp_path):
     args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
             "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"]
     single = run_sweep(SweepConfig(model="gaussian", samplers=["edm-heun-churn", "edm-heun", "ddim"], nfe=[5], num_samples=6,
                                    batch_size=2, progress=False, stats_cache=str(tmp_path / "cache")))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "edm_sampling.cli", "bench", "--output", str(tmp_path / "two"), *args]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

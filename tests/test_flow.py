@@ -63,7 +63,7 @@ def test_flow_family_turns_the_exact_velocity_into_the_exact_denoiser():
     torch.testing.assert_close(denoiser(x, sigma), ORACLE(x, sigma), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0)])
+@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0), ("euler", 20.0)])
 def test_flow_scheduler_equals_core_sampler(solver, churn):
     scheduler = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver=solver, s_churn=churn,
                                          s_tmin=0.05, s_tmax=50.0)
@@ -182,10 +182,10 @@ def _sd3_denoiser(pipe, prompt: str, guidance_scale: float) -> FlowDenoiser:
     return FlowDenoiser(net)
 
 
-def _pipeline_with_our_scheduler(pipeline_cls, components):
+def _pipeline_with_our_scheduler(pipeline_cls, components, **scheduler_kwargs):
     """The pipeline on the tiny SD3 parts, its scheduler swapped as a user would, calls counted."""
     pipe = pipeline_cls(**components)
-    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EDMScheduler.from_config(pipe.scheduler.config, **scheduler_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe, CallCounter(pipe.transformer)
 
@@ -243,3 +243,48 @@ def test_sd3_img2img_strength(sd3_components):
         ref = samplers.sample(_Shifted(_sd3_denoiser(pipe, "a red dog", 3.0), y), noise,
                               pipe.scheduler.sigmas.double()[n - steps:])
     torch.testing.assert_close(latents, ref.sample + y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpmpp_2m"])
+def test_sd3_pipeline_from_pure_noise_equals_core_sampler(sd3_components, solver):
+    """The multistep solvers start at t = 1 as SD3 does: the transformer's first timestep is 1000,
+    the latents are the pipeline's N(0, I) noise itself (init_noise_sigma = 1), and the pipeline
+    equals the core sampler on the grid from sigma = inf; Flux-style flow times from t = 1 too."""
+    pipe, counter = _pipeline_with_our_scheduler(StableDiffusion3Pipeline, sd3_components, solver=solver)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(6))
+    common = dict(height=16, width=16, guidance_scale=4.0, max_sequence_length=8, output_type="latent")
+    latents = pipe("a photo of a cat", num_inference_steps=4, latents=noise.clone(), **common).images
+    scheduler = pipe.scheduler
+    assert counter.calls == 4 and scheduler.timesteps[0].item() == M and scheduler.init_noise_sigma == 1.0
+    assert scheduler.sigmas[0].item() == math.inf
+    with torch.no_grad():
+        ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0), noise, scheduler.sigmas.double(), solver=solver)
+        custom = pipe("a photo of a cat", sigmas=[1.0, 0.75, 0.5, 0.25], latents=noise.clone(), **common).images
+        assert pipe.scheduler.sigmas[0].item() == math.inf and pipe.scheduler.sigmas[1].item() == pytest.approx(9.0)
+        custom_ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0), noise, pipe.scheduler.sigmas.double(),
+                                     solver=solver)
+    torch.testing.assert_close(latents, ref.sample, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(custom, custom_ref.sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_sd3_img2img_from_pure_noise(sd3_components, strength):
+    """img2img with a solver that starts at t = 1: strength 1 starts from the noise itself
+    (scale_noise at t = 1 drops the image), strength 0.5 from the image noised to the begin
+    index's level, with a fresh plan."""
+    pipe, counter = _pipeline_with_our_scheduler(StableDiffusion3Img2ImgPipeline, sd3_components, solver="unipc")
+    image = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    n = 6
+    latents = pipe("a red dog", image=image, strength=strength, num_inference_steps=n, guidance_scale=3.0,
+                   max_sequence_length=8, generator=torch.Generator().manual_seed(8), output_type="latent").images
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(8))
+    steps = int(n * strength)
+    assert counter.calls == steps
+    grid = pipe.scheduler.sigmas.double()[n - steps:]
+    with torch.no_grad():
+        if strength == 1.0:
+            assert grid[0].item() == math.inf
+            ref = samplers.sample(_sd3_denoiser(pipe, "a red dog", 3.0), noise, grid, solver="unipc").sample
+        else:
+            ref = samplers.sample(_Shifted(_sd3_denoiser(pipe, "a red dog", 3.0), image), noise, grid, solver="unipc").sample + image
+    torch.testing.assert_close(latents, ref, rtol=1e-4, atol=1e-4)

@@ -47,7 +47,9 @@ class ExactNet(torch.nn.Module):
         sigma = self.sigma_of_net_time(t)
         c = self.family.coefficients(sigma.reshape(-1, 1, 1, 1))
         x = x_in.double() / c.c_in
-        output = (ORACLE(x, sigma) - c.c_skip * x) / c.c_out
+        # at sigma = inf (a flow model's t = 1) the ideal denoiser is the data mean
+        denoised = torch.where(torch.isinf(sigma).reshape(-1, 1, 1, 1), ORACLE.mean, ORACLE(x, sigma))
+        output = (denoised - c.c_skip * x) / c.c_out
         if type(self.family).__name__ == "VE":  # pragma: no cover (not parametrized)
             raise NotImplementedError
         if getattr(self.family, "prediction_type", None) == "v_prediction" and type(self.family).__name__ == "EDM":

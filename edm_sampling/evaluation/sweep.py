@@ -43,7 +43,16 @@ import numpy as np
 import torch
 
 from . import metrics
-from .samplers_registry import DEFAULT_NFE, SamplerSpec, describe, resolve_samplers, run_sampler
+from .samplers_registry import (
+    DEFAULT_NFE,
+    SAMPLER_GROUPS,
+    SamplerSpec,
+    core_rows,
+    describe,
+    resolve_samplers,
+    run_sampler,
+    sampler_set_line,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,6 +81,7 @@ class SweepConfig:
     quiet: bool = False
     ode_errors: bool = True
     extra_specs: list = field(default_factory=list)
+    schedule_file: str | None = None
 
     def validate(self) -> list[SamplerSpec]:
         """Raise ValueError naming the bad option; returns the sampler specs."""
@@ -93,6 +103,10 @@ class SweepConfig:
             raise ValueError(f"--grid-images must be >= 0, got {self.grid_images}")
         specs = resolve_samplers(self.samplers) if self.samplers or not self.extra_specs else []
         specs = specs + list(self.extra_specs)
+        if self.schedule_file is not None:
+            from .schedule_search import schedule_file_specs
+
+            schedule_file_specs(self.schedule_file, nfe, scheduler_loop=True)  # checks the file and its NFEs
         if self.output is not None:
             from .report import check_output_dir
 
@@ -251,7 +265,8 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     notes = []
     if skipped:
         notes.append(f"skipped {', '.join(skipped)}: they run diffusers' scheduler loop on a discrete VP (DDPM-family) "
-                     f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only)")
+                     f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only; "
+                     "EDMScheduler rows ran as the same solver and grid on the core runner)")
     if config.prompt and "prompt" not in model.info:
         notes.append(f"--prompt ignored: {config.model} is not a text-to-image model")
     if not fd_available:
@@ -304,10 +319,14 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
     if model is None:
         model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device, dtype=dtype)
     model.to(device)
+    added: list[str] = []
+    if config.schedule_file is not None:
+        from .schedule_search import with_schedule_file_rows
+
+        specs, added = with_schedule_file_rows(specs, config.schedule_file, config.nfe, model.unet is not None)
     skipped = []
-    if model.unet is None and not config.samplers:
-        skipped = [s.name for s in specs if s.runner == "scheduler"]
-        specs = [s for s in specs if s.runner != "scheduler"]  # default list: only the core applies (VE / EDM models)
+    if model.unet is None:  # VE / EDM models: rows from groups run their core equivalent, or are skipped
+        specs, skipped = core_rows(specs, explicit=[n for n in config.samplers or [] if n not in SAMPLER_GROUPS])
     if any(s.runner == "scheduler" for s in specs) and model.unet is None:
         names = [s.name for s in specs if s.runner == "scheduler"]
         raise ValueError(f"--samplers: {names} need a discrete VP (DDPM-family) model; {config.model} is not one")
@@ -366,6 +385,7 @@ def _run_sweep(config: SweepConfig, model=None) -> dict[str, Any]:
     ref_check = next((c for c in checks if c is not None), None)
     result = _assemble(config, specs, nfes, model, features, records, ref_check)
     result["meta"]["notes"] = notes
+    result["meta"]["sampler_set"] = sampler_set_line(config.samplers, [s.name for s in specs], added, config.schedule_file)
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
     if config.output is not None:

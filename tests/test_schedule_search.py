@@ -16,6 +16,7 @@ import torch
 from edm_sampling.cli import main
 from edm_sampling.evaluation.models import load_model
 from edm_sampling.evaluation.schedule_search import (
+    ERROR_FLOOR,
     SearchSettings,
     best_path,
     candidate_levels,
@@ -90,6 +91,24 @@ def test_teacher_is_the_exact_ode_solution_and_local_costs_are_one_solver_step(g
     rmse = (teacher.states[0] * levels[2] / levels[0] - teacher.states[2]).pow(2).flatten(1).mean(1).sqrt().mean()
     assert float(afs[0, 2]) == pytest.approx(float(rmse), rel=1e-9)
     torch.testing.assert_close(afs[1:], cost_matrix(teacher, "ipndm")[1:])
+    # a network (no exact denoiser below its trained range) ends at sigma_min with x = D(x; sigma_min)
+    network = teacher_trajectory(oracle, 80.0 * z, levels, exact_to_zero=False)
+    torch.testing.assert_close(network.states[:-1], teacher.states[:-1])
+    torch.testing.assert_close(network.states[-1], oracle(teacher.states[-2], torch.full((8,), float(levels[-2]))))
+
+
+def test_a_diffusers_folder_is_searched_on_the_range_edm_scheduler_samples_it_in(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tiny_models import tiny_unet2d
+
+    DDPMPipeline(unet=tiny_unet2d(in_channels=1, num_class_embeds=3), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    model = load_model(str(tmp_path / "ddpm"))
+    problem = model_problem(model, "unipc", afs=False)
+    assert not problem.exact_to_zero  # the UNet is never called below its smallest trained sigma
+    assert (problem.sigma_min, problem.sigma_max) == pytest.approx((0.0100005, 80.0), rel=1e-5)
+    grid = problem.default_grid(5)
+    assert len(grid) == 6 and float(grid[0]) == 80.0 and float(grid[-2]) == pytest.approx(problem.sigma_min)
+    assert set(problem.model_kwargs([0, 1])) == {"class_labels"}
 
 
 def test_pattern_search_keeps_the_order_and_finds_a_known_minimum():
@@ -114,6 +133,7 @@ def test_a_move_is_kept_only_when_the_typical_error_falls_and_the_mean_does_not_
     assert improves(np.array([5e-4, 5e-4, 5e-4, 1.0]), old)  # every typical sample better
     assert not improves(np.array([1e-4, 1e-4, 1e-4, 1.5]), old)  # typical better, but one sample pushed further away
     assert not improves(np.array([2e-3, 2e-3, 2e-3, 0.5]), old)  # mean better, typical worse
+    assert typical_error(np.array([1e-9, 1e-6])) == pytest.approx(ERROR_FLOOR)  # below the floor all errors are equal
 
 
 def test_search_is_deterministic_and_beats_the_default_grid_on_held_out_seeds(gaussian):
@@ -182,6 +202,12 @@ def test_schedule_file_rows_run_on_the_core_for_models_without_the_diffusers_loo
 
     assert main(_tune(tmp_path, "--solver", "heun", "--nfe", "5")) == 0
     path = str(tmp_path / "schedule" / "schedule_heun.json")
+    from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
+
+    result = run_sweep(SweepConfig(model="digits", samplers=["edm-heun"], schedule_file=path, nfe=[5], num_samples=4,
+                                   progress=False, quiet=True))
+    assert [r["sampler"] for r in result["rows"]] == ["edm-heun", "edm-heun-scheduler", "edm-heun-searched-scheduler"]
+    assert any(n.startswith(f"--schedule-file {path} was searched on gaussian, not digits") for n in result["meta"]["notes"])
     default, searched = schedule_file_specs(path, [5], scheduler_loop=False)
     assert (searched.name, searched.runner, default.name, default.runner) == ("edm-heun-searched", "core", "edm-heun", "core")
     from edm_sampling.evaluation.samplers_registry import run_sampler

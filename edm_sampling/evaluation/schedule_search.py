@@ -6,7 +6,8 @@ Sampling", ICML 2024, section 4), then refined by the solver's own error. Small 
    range (the range `EDMScheduler` samples the model in), then 0.
 2. `teacher_trajectory`: from x_0 = sigma_max z on every search seed, the probability-flow ODE
    solution at each candidate (the reference integrator `oracles.solve_probability_flow_ode`,
-   Dormand-Prince 5(4) in log sigma, rtol 1e-6, from one candidate to the next) and D there.
+   Dormand-Prince 5(4) in log sigma, rtol 1e-6, from one candidate to the next; a network's
+   last step, from sigma_min to 0, is x = D(x; sigma_min), see `ode_to`) and D there.
 3. `cost_matrix`: C[i, j] = mean over seeds of the per-sample RMSE between one step of the
    solver's base rule from the teacher's state at c_i to c_j and the teacher's state at c_j.
 4. `best_path`: dynamic programming for the path 0 = p_0 < p_1 < ... < p_K = M (c_M = 0) of
@@ -87,23 +88,36 @@ def _denoise(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma: floa
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), **model_kwargs)
 
 
+def ode_to(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma_from: float, sigma_to: float,
+           rtol: float = REFERENCE_RTOL, model_kwargs: dict | None = None, exact_to_zero: bool = True) -> tuple[torch.Tensor, int]:
+    """(x carried down the probability-flow ODE from sigma_from to sigma_to, model calls) by the
+    reference integrator (adaptive Dormand-Prince 5(4) in log sigma, float64, tolerance `rtol`).
+    To sigma = 0 without `exact_to_zero` (a network, not an exact denoiser) the last step is
+    x = D(x; sigma_from), as every data-prediction solver ends and as bench's reference for such
+    models ends: a discrete model is never called below its smallest trained sigma."""
+    if sigma_to == 0 and not exact_to_zero:
+        return _denoise(denoiser, x, sigma_from, dict(model_kwargs or {})).to(torch.float64), 1
+    solution = solve_probability_flow_ode(denoiser, x, sigma_from, sigma_to, rtol=rtol, model_kwargs=model_kwargs)
+    return solution.solution, solution.calls
+
+
 def teacher_trajectory(
     denoiser: Callable[..., torch.Tensor],
     x0: torch.Tensor,
     levels: torch.Tensor,
     rtol: float = REFERENCE_RTOL,
     model_kwargs: dict | None = None,
+    exact_to_zero: bool = True,
 ) -> Teacher:
-    """The teacher: x0 at levels[0] carried down the ODE to every level by the reference
-    integrator (adaptive Dormand-Prince 5(4) in log sigma, float64, tolerance `rtol`), one
-    candidate to the next, and D at each positive level."""
+    """The teacher: x0 at levels[0] carried down the ODE (`ode_to`) from each candidate level
+    to the next, and D at each positive level."""
     model_kwargs = dict(model_kwargs or {})
     states = [x0.to(torch.float64)]
     calls = 0
     for sigma_from, sigma_to in zip(levels[:-1].tolist(), levels[1:].tolist()):
-        solution = solve_probability_flow_ode(denoiser, states[-1], sigma_from, sigma_to, rtol=rtol, model_kwargs=model_kwargs)
-        states.append(solution.solution)
-        calls += solution.calls
+        x, spent = ode_to(denoiser, states[-1], sigma_from, sigma_to, rtol, model_kwargs, exact_to_zero)
+        states.append(x)
+        calls += spent
     denoised = [_denoise(denoiser, x, sigma, model_kwargs).to(torch.float64) for x, sigma in zip(states, levels[:-1].tolist())]
     return Teacher(levels, torch.stack(states), torch.stack(denoised), calls + len(denoised))
 
@@ -207,10 +221,17 @@ def best_path(cost: torch.Tensor | np.ndarray, num_steps: int, coeff: float = 1.
 # --- 5. the solver's own error --------------------------------------------------------------------------
 
 
+ERROR_FLOOR = 1e-5
+"""Per-sample errors below this count as equal in `typical_error`: far below an 8-bit image's
+step (2/255), and near the teacher's own accuracy (rtol 1e-6 of the sample's size). Without it
+the digits' samples that snap onto their reference's training image (error 1e-9) would outweigh
+those that land on another image (error ~0.5)."""
+
+
 def typical_error(errors: np.ndarray) -> float:
-    """exp(mean log e) over per-sample errors e (floored at 1e-12): the geometric mean, a
+    """exp(mean log max(e, ERROR_FLOOR)) over per-sample errors e: the geometric mean, a
     typical sample's error like the median, but moved by every sample."""
-    return float(np.exp(np.mean(np.log(np.maximum(errors, 1e-12)))))
+    return float(np.exp(np.mean(np.log(np.maximum(errors, ERROR_FLOOR)))))
 
 
 def improves(new: np.ndarray, old: np.ndarray) -> bool:
@@ -301,7 +322,8 @@ class SearchSettings:
 @dataclass(frozen=True)
 class SearchProblem:
     """What is searched for: `solver` (with `afs`) on `denoiser` over [sigma_min, sigma_max],
-    its `default_grid(nfe)` to compare with, and per-seed `model_kwargs(seeds)` (class labels)."""
+    its `default_grid(nfe)` to compare with, per-seed `model_kwargs(seeds)` (class labels), and
+    whether the ODE may be solved below sigma_min (`exact_to_zero`: exact denoisers; see `ode_to`)."""
 
     denoiser: Callable[..., torch.Tensor]
     sample_shape: tuple[int, ...]
@@ -311,6 +333,7 @@ class SearchProblem:
     sigma_max: float
     default_grid: Callable[[int], torch.Tensor]
     model_kwargs: Callable[[list[int]], dict] = lambda seeds: {}
+    exact_to_zero: bool = True
 
 
 def check_search(solver: str, afs: bool, nfes: Sequence[int], candidates: int) -> dict[int, int]:
@@ -345,16 +368,20 @@ def _latents(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device)
     return randn((len(seeds), *shape), generators, device, torch.float32).to(torch.float64)
 
 
-def solver_errors(problem: SearchProblem, grid: torch.Tensor, runs: Sequence[tuple]) -> np.ndarray:
-    """Per-sample RMSE of `problem.solver` on `grid` from x_0 = grid[0] latents to the ODE
-    solution, over `runs` of (latents, solution, model_kwargs), in float64."""
-    errors = []
-    for latents, truth, kwargs in runs:
+def solver_samples(problem: SearchProblem, grid: torch.Tensor, runs: Sequence[tuple]) -> list[torch.Tensor]:
+    """`problem.solver` on `grid` from x_0 = grid[0] latents, in float64, per run of `runs`
+    (latents, ODE solution, model_kwargs)."""
+    samples = []
+    for latents, _, kwargs in runs:
         with torch.no_grad():
-            out = sample(problem.denoiser, latents, grid, solver=problem.solver, afs=problem.afs,
-                         state_dtype=torch.float64, model_kwargs=kwargs)
-        errors.append(per_sample_rmse(out.sample, truth))
-    return np.concatenate(errors)
+            samples.append(sample(problem.denoiser, latents, grid, solver=problem.solver, afs=problem.afs,
+                                  state_dtype=torch.float64, model_kwargs=kwargs).sample)
+    return samples
+
+
+def solver_errors(problem: SearchProblem, grid: torch.Tensor, runs: Sequence[tuple]) -> np.ndarray:
+    """Per-sample RMSE of `solver_samples` to the runs' ODE solutions."""
+    return np.concatenate([per_sample_rmse(x, run[1]) for x, run in zip(solver_samples(problem, grid, runs), runs)])
 
 
 def _batches(seeds: list[int], size: int) -> list[list[int]]:
@@ -417,7 +444,8 @@ def prepare_search(problem: SearchProblem, settings: SearchSettings, device: tor
         log(f"teacher trajectories and local costs, seeds {batch[0]}..{batch[-1]}")
         latents, kwargs = _latents(batch, problem.sample_shape, device), problem.model_kwargs(batch)
         with torch.no_grad():
-            teacher = teacher_trajectory(problem.denoiser, latents * problem.sigma_max, levels, settings.teacher_rtol, kwargs)
+            teacher = teacher_trajectory(problem.denoiser, latents * problem.sigma_max, levels, settings.teacher_rtol, kwargs,
+                                         problem.exact_to_zero)
             cost += cost_matrix(teacher, problem.solver, problem.afs, problem.denoiser, kwargs) * len(batch)
         calls += teacher.calls
         search_runs.append((latents, teacher.states[-1], kwargs))
@@ -426,8 +454,10 @@ def prepare_search(problem: SearchProblem, settings: SearchSettings, device: tor
     for batch in _batches(settings.holdout_seeds(), settings.batch_size):
         latents, kwargs = _latents(batch, problem.sample_shape, device), problem.model_kwargs(batch)
         with torch.no_grad():
-            truth = solve_probability_flow_ode(problem.denoiser, latents * problem.sigma_max, problem.sigma_max, 0.0,
-                                               rtol=settings.teacher_rtol, model_kwargs=kwargs).solution
+            lowest, _ = ode_to(problem.denoiser, latents * problem.sigma_max, problem.sigma_max, problem.sigma_min,
+                               settings.teacher_rtol, kwargs)
+            truth, _ = ode_to(problem.denoiser, lowest, problem.sigma_min, 0.0, settings.teacher_rtol, kwargs,
+                              problem.exact_to_zero)
         holdout_runs.append((latents, truth, kwargs))
     return SearchData(levels, cost / len(seeds), search_runs, holdout_runs, calls / len(search_runs), teacher_seconds)
 
@@ -466,7 +496,8 @@ def search_schedules(problem: SearchProblem, nfes: Sequence[int], settings: Sear
         "settings": {**asdict(settings), "candidate_grid": "logsnr", "local_cost": f"{base_rule(problem.solver)} step",
                      "objective": "per-sample RMSE of the solver to the teacher's endpoint on the search seeds: a move is "
                                   "kept when it lowers the geometric mean and does not raise the mean"},
-        "teacher": {"integrator": "Dormand-Prince 5(4) in log sigma, from each candidate level to the next",
+        "teacher": {"integrator": "Dormand-Prince 5(4) in log sigma, from each candidate level to the next"
+                    + ("" if problem.exact_to_zero else "; from sigma_min to 0: x = D(x; sigma_min)"),
                     "rtol": settings.teacher_rtol, "model_calls_per_seed": data.teacher_calls, "seconds": data.teacher_seconds},
         "seconds": time.perf_counter() - start,
     }
@@ -499,7 +530,7 @@ def model_problem(model: Any, solver: str, afs: bool) -> SearchProblem:
             return solver_sigmas(solver, nfe, lo, hi, afs=afs)
 
     return SearchProblem(model.denoiser, tuple(model.sample_shape), solver, afs, lo, hi, default_grid,
-                         lambda seeds: model.class_labels(seeds, torch.device("cpu")))
+                         lambda seeds: model.class_labels(seeds, torch.device("cpu")), model.exact_solution is not None)
 
 
 def schedule_file_name(solver: str, afs: bool) -> str:

@@ -267,6 +267,13 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
         notes.append(f"skipped {', '.join(skipped)}: they run diffusers' scheduler loop on a discrete VP (DDPM-family) "
                      f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only; "
                      "EDMScheduler rows ran as the same solver and grid on the core runner)")
+    if config.schedule_file is not None:
+        from ..schedules import read_schedule_file
+
+        searched_on = read_schedule_file(config.schedule_file, "--schedule-file").meta.get("model")
+        if searched_on is not None and str(searched_on) != str(config.model):
+            notes.append(f"--schedule-file {config.schedule_file} was searched on {searched_on}, not {config.model}: "
+                         "a schedule fits the model it was searched on")
     if config.prompt and "prompt" not in model.info:
         notes.append(f"--prompt ignored: {config.model} is not a text-to-image model")
     if not fd_available:

@@ -22,10 +22,13 @@ to the subcommand as `args.started` so that its wall time includes the imports."
 EXAMPLES = """\
 examples:
   edm-sampling bench                          low-NFE sampler benchmark on the built-in exact mixture
-                                              (no download; about 25 s on 2 CPU cores)
+                                              (no download; about 17 s on 2 CPU cores)
   edm-sampling bench --model digits           ... on the ideal denoiser of the 8x8 digits
   edm-sampling bench --model PATH --nfe 9,17,35   ... on a local diffusers folder
   edm-sampling tune --nfe 35                  churn grid search (S_churn, S_tmin, S_tmax, S_noise)
+  edm-sampling tune --schedule --solver ipndm --nfe 5,9,17
+                                              a step schedule searched per NFE (GITS-style), as a file
+                                              for EDMScheduler(schedule_file=...) and bench --schedule-file
   edm-sampling train                          EDM training on the built-in digits (CPU)
 """
 

@@ -668,9 +668,11 @@ class ScheduleFile:
         for grid in self.grids:
             if len(grid) - 1 == num_steps:
                 return _f64(grid)
+        from .safety.inputs import InvalidArgument
+
         held = sorted(len(g) - 1 for g in self.grids)
-        raise ValueError(f"{name} holds grids of {held} steps, none of {num_steps} steps; "
-                         f"search one with `edm-sampling tune --schedule` or pick a step count it holds")
+        raise InvalidArgument(name, f"holds grids of {held} steps, none of {num_steps} steps; "
+                                    f"search one with `edm-sampling tune --schedule` or pick a step count it holds")
 
 
 def schedule_file_json(grids: Sequence[Sequence[float]], **meta: Any) -> dict:
@@ -687,25 +689,30 @@ def schedule_file_json(grids: Sequence[Sequence[float]], **meta: Any) -> dict:
 
 
 def read_schedule_file(path: str, name: str = "schedule_file") -> ScheduleFile:
-    """Read and check a schedule file; any problem is a ValueError naming `name` and the path."""
+    """Read and check a schedule file; any problem is an `InvalidArgument` (a ValueError) naming
+    `name` and the path."""
     import json
     from pathlib import Path
 
+    from .safety.inputs import InvalidArgument
+
+    if not isinstance(path, (str, Path)) or str(path) == "":
+        raise InvalidArgument(name, f"must be the path of a schedule file, got {path!r}")
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"{name}: no such file {str(path)!r}")
+        raise InvalidArgument(name, f"no such file {str(path)!r}")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{name}: {str(path)!r} is not a readable JSON file: {error}") from error
+        raise InvalidArgument(name, f"{str(path)!r} is not a readable JSON file: {error}") from error
     if not isinstance(data, dict) or data.get("format") != SCHEDULE_FILE_FORMAT:
-        raise ValueError(f"{name}: {str(path)!r} is not an edm_sampling schedule file (format {SCHEDULE_FILE_FORMAT!r})")
+        raise InvalidArgument(name, f"{str(path)!r} is not an edm_sampling schedule file (format {SCHEDULE_FILE_FORMAT!r})")
     grids = data.get("grids")
     if not isinstance(grids, list) or not grids:
-        raise ValueError(f"{name}: {str(path)!r} holds no grids")
+        raise InvalidArgument(name, f"{str(path)!r} holds no grids")
     try:
         checked = schedule_file_json(grids)["grids"]
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{name}: {str(path)!r} holds a bad grid: {error}") from error
+        raise InvalidArgument(name, f"{str(path)!r} holds a bad grid: {error}") from error
     meta = {k: v for k, v in data.items() if k not in ("format", "grids")}
     return ScheduleFile(tuple(tuple(g) for g in checked), meta)

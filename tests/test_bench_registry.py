@@ -142,3 +142,42 @@ def test_progress_bar_counts_samples_and_moves_per_batch(monkeypatch):
     run_sweep(SweepConfig(model="gaussian", samplers=["edm-euler", "ddim"], nfe=[3, 4], num_samples=5, batch_size=2,
                           quiet=True))
     assert bars[0].total == 2 * 2 * 5 and bars[0].updates == [2, 2, 1] * 4
+
+
+def test_the_first_screen_is_curated_and_every_other_row_stays_selectable():
+    from edm_sampling.evaluation.samplers_registry import DEFAULT_SAMPLERS, SAMPLER_GROUPS, expand_sampler_names
+
+    anchors = ["ddim", "euler-karras", "heun-karras", "dpmpp-2m-karras", "dpmpp-3m-karras", "unipc-bh2-karras", "deis-karras"]
+    assert list(DEFAULT_SAMPLERS) == ["edm-heun", "edm-ipndm-scheduler", "edm-ipndm-afs-scheduler", "edm-unipc3-scheduler",
+                                      "edm-dpmpp-3m-scheduler", *anchors]
+    assert expand_sampler_names(None) == expand_sampler_names([]) == list(DEFAULT_SAMPLERS)
+    assert expand_sampler_names(["all"]) == list(SAMPLERS)
+    assert set().union(*(SAMPLER_GROUPS[g] for g in ("default", "paper", "core", "diffusers"))) == set(SAMPLERS)
+    assert expand_sampler_names(["paper", "ddim", "edm-heun"]) == [*SAMPLER_GROUPS["paper"], "ddim"]  # in order, once
+    assert {"edm-euler", "edm-heun-churn", "edm-heun-vp", "edm-heun-ve", "edm-heun-iddpm"} <= set(SAMPLER_GROUPS["paper"])
+    assert all(SAMPLERS[n].runner == "core" for n in SAMPLER_GROUPS["core"]) and "edm-unipc-afs" in SAMPLER_GROUPS["core"]
+    with pytest.raises(ValueError, match="unknown sampler or group 'fast'; groups: default, paper, core, diffusers, all"):
+        expand_sampler_names(["fast"])
+
+
+@pytest.mark.parametrize("name", ["edm-ipndm-afs-scheduler", "edm-unipc3-scheduler", "edm-dpmpp-3m-scheduler", "edm-heun-scheduler"])
+def test_each_edm_scheduler_row_equals_its_core_equivalent(gaussian_model, name):
+    """What VE / EDM models run instead of an EDMScheduler row: the same solver, options and
+    grid on the core runner, with the same model calls and samples."""
+    from edm_sampling.evaluation.samplers_registry import core_equivalent
+
+    spec = SAMPLERS[name]
+    twin = core_equivalent(spec)
+    assert twin.runner == "core" and twin.name == name.removesuffix("-scheduler")
+    if twin.name in SAMPLERS:
+        assert twin is SAMPLERS[twin.name]
+    # on the range EDMScheduler takes from the DDPM config (sigma 0.01 .. 80), as a VE / EDM folder's config gives both
+    scheduler_range = build_scheduler(spec, gaussian_model.scheduler_config).sigma_range
+    model = replace(gaussian_model, sigma_min=scheduler_range[0], sigma_max=scheduler_range[1])
+    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    generators = [torch.Generator() for _ in range(4)]
+    ours = run_sampler(spec, model, latents, spec.steps_for_nfe(9), generators)
+    core = run_sampler(twin, model, latents, twin.steps_for_nfe(9), generators)
+    assert ours.nfe == core.nfe == 9
+    torch.testing.assert_close(ours.sample, core.sample, rtol=1e-5, atol=1e-5)
+    assert core_equivalent(SAMPLERS["ddim"]) is None

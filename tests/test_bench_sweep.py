@@ -16,7 +16,7 @@ import torch
 
 from edm_sampling.cli import main
 from edm_sampling.evaluation.metrics import loglog_slope
-from edm_sampling.evaluation.samplers_registry import SAMPLERS, ours_names
+from edm_sampling.evaluation.samplers_registry import DEFAULT_SAMPLERS
 from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,24 +33,25 @@ def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "wall time:" in printed and "edm-heun" in printed and "dpmpp-2m-karras" in printed
+    assert printed.lstrip().startswith("samplers: the default set, the paper's Heun (edm-heun), our recommended")
+    assert f"anchors ({len(DEFAULT_SAMPLERS)} rows). Others: --samplers paper | core | diffusers | all | NAME,..." in printed
     # the even NFE is said once, on stderr while sampling starts, and again under the tables
     assert "NFE 4: these samplers cannot make exactly 4 calls" in captured.err
     assert "edm-heun (3)" in printed and "heun-karras (3)" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == len(SAMPLERS) * 2
+    assert [r["sampler"] for r in rows[::2]] == list(DEFAULT_SAMPLERS)
     payload = json.loads((out / "results.json").read_text())
     assert payload["meta"]["reference_statistics"]["cache"].startswith(str(tmp_path / "cache"))
     assert (out / "quality_vs_nfe.png").stat().st_size > 1000
     grids = sorted(p.name for p in (out / "grids").iterdir())
-    assert len(grids) == len(SAMPLERS) * 2 and "edm-heun_nfe9.png" in grids
+    assert len(grids) == len(DEFAULT_SAMPLERS) * 2 and "edm-heun_nfe9.png" in grids
     by_name = {(r["sampler"], int(r["nfe_target"])): r for r in rows}
     # the sweep lists diffusers' samplers beside ours at equal (measured) NFE
-    for name in SAMPLERS:  # every row, the analytical-first-step ones included, counted by wrapping the model
+    for name in DEFAULT_SAMPLERS:  # every row, the analytical-first-step one included, counted by wrapping the model
         assert int(by_name[(name, 9)]["nfe"]) == 9, name
     # an even target: Heun-type samplers take the largest count not above it, and say so
     assert int(by_name[("edm-heun", 4)]["nfe"]) == 3 and int(by_name[("heun-karras", 4)]["nfe"]) == 3
     assert int(by_name[("ddim", 4)]["nfe"]) == 4
-    assert by_name[("edm-heun-churn", 9)]["error_mean"] == ""  # stochastic: no ODE reference
     assert float(by_name[("edm-heun", 9)]["fd"]) > 0
     # the reference statistics came from the cache the second time; the folder is not overwritten silently
     with pytest.raises(SystemExit):
@@ -105,6 +106,7 @@ def test_one_and_two_processes_give_the_same_results(tmp_path):
     assert two["meta"]["num_processes"] == 2
     expected = [(s, n, None if np.isnan(a) else a, None if np.isnan(b) else b, f) for s, n, a, b, f in _rows_key(single["rows"])]
     assert _rows_key(two["rows"]) == expected
+    assert np.isnan(single["rows"][0]["error_mean"]) and np.isfinite(single["rows"][0]["fd"])  # churn: no ODE reference
 
 
 @pytest.fixture
@@ -215,9 +217,10 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     EDMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     result = run_sweep(SweepConfig(model=str(path), nfe=[3], num_samples=2, reference_steps=4, progress=False))
     names = [r["sampler"] for r in result["rows"]]
-    assert names == ours_names()  # the scheduler loop needs a discrete VP epsilon network
-    assert any(note.startswith("skipped edm-heun-scheduler, ddim") for note in result["meta"]["notes"])
+    # the scheduler loop needs a discrete VP epsilon network: EDMScheduler rows run as the same solver and grid on the core
+    assert names == ["edm-heun", "edm-ipndm", "edm-ipndm-afs", "edm-unipc3", "edm-dpmpp-3m"]
+    assert any(note.startswith("skipped ddim, euler-karras") for note in result["meta"]["notes"])
     assert all(r["nfe"] == 3 for r in result["rows"])
-    assert all(np.isfinite(r["error_mean"]) for r in result["rows"] if r["sampler"] != "edm-heun-churn")
+    assert all(np.isfinite(r["error_mean"]) for r in result["rows"])
     with pytest.raises(ValueError, match="discrete VP"):
         run_sweep(SweepConfig(model=str(path), samplers=["ddim"], nfe=[3], num_samples=2, progress=False))

@@ -27,9 +27,15 @@ def test_top_level_help_lists_only_commands_that_exist(capsys):
 def test_help_states_the_defaults_that_run(capsys):
     bench_help, tune_help = _help(capsys, "bench"), _help(capsys, "tune")
     assert "(default 256)" in bench_help and "(default 512)" in tune_help
+    from edm_sampling.evaluation.schedule_search import DEFAULT_CANDIDATES, SearchSettings
+
+    defaults = SearchSettings()
+    for text in (f"(default {DEFAULT_CANDIDATES})", f"(default {defaults.holdout_samples})", f"(default {defaults.max_evals})",
+                 "(default ipndm)", "(default 5,9,17)", "(default 35: 18 Heun steps)"):
+        assert text in " ".join(tune_help.split()), text
     parser = build_parser()
     assert parser.parse_args(["bench"]).num_samples == 256
-    assert parser.parse_args(["tune"]).num_samples == 512
+    assert "samples per churn setting (default 512); with --schedule: the search seeds (default 256)" in " ".join(tune_help.split())
     assert parser.parse_args(["bench"]).model == "mixture"
     assert "--output-dir" in bench_help and "--output-dir" in tune_help
 

@@ -89,10 +89,15 @@ NUMBER_FLAGS = {  # flag: values each command must refuse
         "--export-scheduler": ["x"], "--image-column": [""], "--caption-column": [""],
     },
     "bench": {"--nfe": ["0", "-1", "abc", "1.5", "", "inf"], "--samplers": ["nope", ""],
-              "--reference-steps": ["-1", "2", "abc", "1.5"]},
+              "--reference-steps": ["-1", "2", "abc", "1.5"],
+              "--schedule-file": ["{missing}", "{bad_json}", "{notes_txt}", "{empty}"]},
     "tune": {"--nfe": ["0", "-1", "abc", "inf"], "--sampler": ["edm-dpmpp-2m", "nope"],
              "--s-churn": ["-1", "nan", "abc", ""], "--s-tmin": ["-1", "nan", "abc"], "--s-tmax": ["-1", "nan", "abc"],
-             "--s-noise": ["0", "-1", "nan", "inf", "abc"], "--bootstrap": ["-1", "1", "abc", "1.5"]},
+             "--s-noise": ["0", "-1", "nan", "inf", "abc"], "--bootstrap": ["-1", "1", "abc", "1.5"],
+             # the schedule search's own flags: refused in a churn search (and checked again with --schedule
+             # in tests/test_schedule_search.py)
+             "--solver": ["nope", "heun"], "--candidates": ["1", "-1", "abc"], "--coeff": ["0", "-1", "abc"],
+             "--holdout-samples": ["-1", "abc"], "--max-evals": ["-1", "abc"]},
 }
 MODEL_FLAGS = {  # bench and tune share these
     "--guidance-scale": ["-1", "inf", "nan", "abc"], "--dtype": ["float8"], "--num-samples": ["1", "0", "-1", "abc", "inf"],
@@ -126,7 +131,7 @@ PATH_CASES = [  # (command, arguments, what the line names)
 NO_BAD_VALUE = {  # flags that take no value and cannot be wrong on their own, and --prompt (any text)
     "train": {"--random-flip", "--attention", "--gradient-checkpointing", "--no-export", "--no-progress", "--overwrite"},
     "bench": {"--no-progress", "--overwrite"},
-    "tune": {"--no-progress", "--overwrite"},
+    "tune": {"--no-progress", "--overwrite", "--schedule", "--afs", "--no-refine"},
 }
 
 
@@ -252,7 +257,7 @@ SWEEP_CONFIG_BAD = {
     "reference": [5, "{missing}", "{notes_txt}", "{bad_npz}", "{nokeys_npz}", "{corrupt}", "{one}"],
     "stats_cache": ["{notes_txt}", 5], "output": ["{notes_txt}", 5], "overwrite": ["yes"], "prompt": [5],
     "guidance_scale": [-1, INF, NAN, "7.5"], "dtype": ["float8", None], "grid_images": [-1, 1.5, "64"],
-    "progress": ["yes"], "quiet": ["yes"], "ode_errors": ["yes"],
+    "progress": ["yes"], "quiet": ["yes"], "ode_errors": ["yes"], "schedule_file": [5, "{missing}", "{bad_json}"],
 }
 
 

@@ -170,7 +170,7 @@ def test_schedule_file_round_trip(tmp_path):
     assert scheduler.sigmas.tolist() == pytest.approx(grid)
     scheduler.set_timesteps(3)
     assert len(scheduler.sigmas) == 4
-    with pytest.raises(ValueError, match="schedule_file holds grids of \\[3, 5\\] steps"):
+    with pytest.raises(ValueError, match="schedule_file: holds grids of \\[3, 5\\] steps"):
         scheduler.set_timesteps(4)
     scheduler.save_config(tmp_path / "saved")
     loaded = EDMScheduler.from_pretrained(tmp_path / "saved")

@@ -155,10 +155,12 @@ def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
 
 
 def format_report(result: dict) -> str:
-    """What `edm-sampling bench` prints: the pivot tables, what is missing and why, the FD of
-    true data with its noise, the reference's accuracy, and the notes."""
+    """What `edm-sampling bench` prints: which sampler set ran, the pivot tables, what is missing
+    and why, the FD of true data with its noise, the reference's accuracy, and the notes."""
     rows, meta = result["rows"], result["meta"]
-    parts = [pivot_table(rows, "error_median")] if any(math.isfinite(float(r["error_median"])) for r in rows) else []
+    parts = [meta["sampler_set"]] if meta.get("sampler_set") else []
+    if any(math.isfinite(float(r["error_median"])) for r in rows):
+        parts.append(pivot_table(rows, "error_median"))
     if any(math.isfinite(float(r.get("mode_mismatch", math.nan))) for r in rows):
         parts.append(pivot_table(rows, "mode_mismatch"))
     if any(math.isfinite(float(r["fd"])) for r in rows):

@@ -16,9 +16,16 @@ execute the entries:
 
 Ours: Heun and Euler on the EDM (Karras, rho = 7) grid, Heun with churn (Algorithm 2), Heun on
 the paper's VP, VE and iDDPM discretizations (the Figure 2 ablation), Heun through
-`EDMScheduler` in the scheduler loop, and every multistep solver of `solvers.SOLVERS` (iPNDM,
+`EDMScheduler` in the scheduler loop, every multistep solver of `solvers.SOLVERS` (iPNDM,
 variable-step iPNDM, DPM-Solver++ 2M / 3M, UniPC, DEIS) on its default grid, each also with
-the analytical first step (AFS: the first model call replaced by the data-mean estimate).
+the analytical first step (AFS: the first model call replaced by the data-mean estimate), and
+the recommended configurations through `EDMScheduler` in the scheduler loop (what a pipeline
+user gets): iPNDM (order 3, logsnr grid), iPNDM with AFS, UniPC of order 3 and DPM-Solver++(3M),
+the best of ours per NFE range in benchmarks/low_nfe_accuracy.py.
+
+Groups (`SAMPLER_GROUPS`, usable in `--samplers` beside names): "default", the first screen
+(the paper's Heun, the recommended EDMScheduler rows, diffusers' seven anchors); "paper", the
+paper's samplers and ablations; "core", every row of the core runner; "diffusers"; "all".
 
 diffusers' anchors, each configured the way that gives it its full range and its documented
 best low-step behaviour (read from the diffusers 0.42 sources):
@@ -93,6 +100,7 @@ class SamplerSpec:
     scheduler_class: str = ""
     scheduler_kwargs: dict = field(default_factory=dict)
     state_space: str = "vp"
+    schedule_file: str | None = None
 
     def nfe_for_steps(self, steps: int) -> int:
         """Model calls of `steps` steps."""
@@ -122,6 +130,30 @@ def _multistep_rows() -> list[SamplerSpec]:
                                 solver=solver, discretization=None, solver_options={"afs": True}, saved_calls=1))
     return rows
 
+
+def edm_scheduler_row(name: str, description: str, solver: str, **options: Any) -> SamplerSpec:
+    """`EDMScheduler(solver=solver, **options)` in the plain diffusers loop; `num_inference_steps`
+    = N is N model calls for the multistep solvers (also under afs), N steps for heun (2N - 1)."""
+    heun = solver == "heun"
+    return SamplerSpec(name, OURS, description, runner="scheduler", scheduler_class="EDMScheduler",
+                       scheduler_kwargs={"solver": solver, **options}, calls_per_step=2 if heun else 1,
+                       saved_calls=1 if heun else 0)
+
+
+def _recommended_rows() -> list[SamplerSpec]:
+    """The configurations benchmarks/low_nfe_accuracy.py finds best per NFE range, each on its
+    solver's default grid through EDMScheduler."""
+    return [
+        edm_scheduler_row("edm-ipndm-scheduler", "EDMScheduler(solver='ipndm'): iPNDM order 3, logsnr grid", "ipndm"),
+        edm_scheduler_row("edm-ipndm-afs-scheduler", "EDMScheduler(solver='ipndm', afs=True): iPNDM order 3, logsnr grid, "
+                          "analytical first step", "ipndm", afs=True),
+        edm_scheduler_row("edm-unipc3-scheduler", "EDMScheduler(solver='unipc', solver_order=3): UniPC bh2 order 3, logsnr grid",
+                          "unipc", solver_order=3),
+        edm_scheduler_row("edm-dpmpp-3m-scheduler", "EDMScheduler(solver='dpmpp_3m'): DPM-Solver++(3M), logsnr grid",
+                          "dpmpp_3m"),
+    ]
+
+
 _KARRAS_ZERO = {"use_karras_sigmas": True, "final_sigmas_type": "zero", "lower_order_final": True}
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -135,8 +167,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("edm-heun-ve", OURS, "Heun on the original VE discretization (ablation)", discretization="ve", **_HEUN),
         SamplerSpec("edm-heun-iddpm", OURS, "Heun on the iDDPM discretization (ablation)", discretization="iddpm", **_HEUN),
         *_multistep_rows(),
-        SamplerSpec("edm-heun-scheduler", OURS, "EDMScheduler (Heun, rho=7) in the plain diffusers loop on the epsilon network",
-                    runner="scheduler", scheduler_class="EDMScheduler", scheduler_kwargs={"solver": "heun"}, **_HEUN),
+        edm_scheduler_row("edm-heun-scheduler", "EDMScheduler (Heun, rho=7) in the plain diffusers loop on the epsilon network",
+                          "heun"),
+        *_recommended_rows(),
         SamplerSpec("ddim", DIFFUSERS, "DDIMScheduler (eta=0, trailing timesteps)", runner="scheduler",
                     scheduler_class="DDIMScheduler",
                     scheduler_kwargs={"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False}),
@@ -159,7 +192,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     scheduler_kwargs={"solver_order": 3, "use_karras_sigmas": True, "lower_order_final": True}),
     )
 }
-DEFAULT_SAMPLERS = tuple(SAMPLERS)
 
 
 def ours_names() -> list[str]:
@@ -167,13 +199,87 @@ def ours_names() -> list[str]:
     return [n for n, s in SAMPLERS.items() if s.family == OURS and s.runner == "core"]
 
 
+SAMPLER_GROUPS: dict[str, tuple[str, ...]] = {
+    "default": ("edm-heun", *(s.name for s in _recommended_rows()), *(n for n, s in SAMPLERS.items() if s.family == DIFFUSERS)),
+    "paper": ("edm-heun", "edm-euler", "edm-heun-churn", "edm-heun-vp", "edm-heun-ve", "edm-heun-iddpm", "edm-heun-scheduler"),
+    "core": tuple(ours_names()),
+    "diffusers": tuple(n for n, s in SAMPLERS.items() if s.family == DIFFUSERS),
+    "all": tuple(SAMPLERS),
+}
+"""Named sets for `--samplers` (see the module docstring)."""
+DEFAULT_SAMPLERS = SAMPLER_GROUPS["default"]
+
+
+def expand_sampler_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Group names replaced by their members, in order, without repeats (the default group when
+    None or empty); a ValueError lists the groups and names for an unknown one."""
+    expanded = []
+    for name in names or ["default"]:
+        if name not in SAMPLER_GROUPS and name not in SAMPLERS:
+            raise InvalidArgument("samplers", f"unknown sampler or group {name!r}; groups: {', '.join(SAMPLER_GROUPS)}; "
+                                              f"samplers: {', '.join(sorted(SAMPLERS))}")
+        expanded += SAMPLER_GROUPS.get(name, (name,))
+    return list(dict.fromkeys(expanded))
+
+
 def resolve_samplers(names: list[str] | tuple[str, ...] | None) -> list[SamplerSpec]:
-    """Specs for the given names (all when None); a ValueError lists the known names."""
-    names = list(names) if names else list(DEFAULT_SAMPLERS)
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown:
-        raise InvalidArgument("samplers", f"unknown sampler(s) {unknown}; choose from {sorted(SAMPLERS)}")
-    return [SAMPLERS[n] for n in dict.fromkeys(names)]
+    """Specs for the given names and groups (the default group when None)."""
+    return [SAMPLERS[n] for n in expand_sampler_names(names)]
+
+
+def sampler_set_line(names: list[str] | tuple[str, ...] | None, ran: list[str], added: list[str] = (),
+                     schedule_file: str | None = None) -> str:
+    """The first line of bench's report: which set ran (`ran`: the rows' names, `added` among
+    them from `schedule_file`) and how to see the others."""
+    asked = list(names or ["default"])
+    groups = [n for n in asked if n in SAMPLER_GROUPS]
+    label = f"the {' + '.join(groups)} set" if len(groups) == len(asked) else "the samplers named with --samplers"
+    if asked == ["default"]:
+        label += ", the paper's Heun (edm-heun), our recommended EDMScheduler configurations and diffusers' seven anchors"
+    own = [n for n in ran if n not in added]
+    line = f"samplers: {label} ({len(own)} row{'' if len(own) == 1 else 's'})"
+    if added:
+        line += f", plus {', '.join(added)} for --schedule-file {schedule_file}"
+    others = " | ".join(g for g in SAMPLER_GROUPS if g not in groups)
+    return line + f". Others: --samplers {others} | NAME,... (edm-sampling bench --help lists every name)"
+
+
+def core_rows(specs: list[SamplerSpec], explicit: list[str]) -> tuple[list[SamplerSpec], list[str]]:
+    """For a model without the diffusers loop: scheduler rows not named in `explicit` replaced
+    by their core equivalent (kept once) or, for diffusers' schedulers, dropped. Returns (rows,
+    names dropped)."""
+    kept, skipped = [], []
+    for spec in specs:
+        if spec.runner == "scheduler" and spec.name not in explicit:
+            twin = core_equivalent(spec)
+            if twin is None:
+                skipped.append(spec.name)
+                continue
+            spec = twin
+        if spec.name not in {k.name for k in kept}:
+            kept.append(spec)
+    return kept, skipped
+
+
+def core_equivalent(spec: SamplerSpec) -> SamplerSpec | None:
+    """For an EDMScheduler row, the core-runner row with the same solver, options and grid (the
+    registry's own where one exists): what runs on models without the diffusers loop (VE, EDM).
+    None for diffusers' schedulers."""
+    if spec.scheduler_class != "EDMScheduler":
+        return None
+    options = dict(spec.scheduler_kwargs)
+    solver = options.pop("solver", "heun")
+    order = options.pop("solver_order", None)
+    solver_options = {**({"order": order} if order is not None else {}), **options}
+    schedule_file = solver_options.pop("schedule_file", None)
+    name = spec.name.removesuffix("-scheduler")
+    twin = replace(spec, name=name, runner="core", scheduler_class="", scheduler_kwargs={}, solver=solver,
+                   discretization="karras" if solver == "heun" else None, solver_options=solver_options,
+                   schedule_file=schedule_file, saved_calls=spec.calls_per_step - 1 + (1 if options.get("afs") else 0))
+    known = SAMPLERS.get(name)
+    same = known is not None and (known.solver, known.discretization, known.solver_options, known.schedule_file) == (
+        twin.solver, twin.discretization, twin.solver_options, twin.schedule_file)
+    return known if same else twin
 
 
 def with_churn(spec: SamplerSpec, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> SamplerSpec:
@@ -251,7 +357,7 @@ def _run_core(spec, model, latents, steps, generators, model_kwargs) -> RunOutpu
 def describe(spec: SamplerSpec) -> str:
     """The spec's description, with the solver's own and its grid's name for core runs on the
     solver's default grid."""
-    if spec.runner != "core" or spec.discretization is not None:
+    if spec.runner != "core" or spec.discretization is not None or spec.schedule_file is not None:
         return spec.description
     from ..solvers import solver_info
 
@@ -260,11 +366,16 @@ def describe(spec: SamplerSpec) -> str:
 
 
 def core_sigmas(spec: SamplerSpec, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """The core runner's grid: `spec.discretization` (rho 7 for "karras"), or the solver's own
-    default schedule with its options when that is None, over [sigma_min, sigma_max]."""
+    """The core runner's grid: the spec's schedule file's grid of `steps` steps, else
+    `spec.discretization` (rho 7 for "karras"), or the solver's own default schedule with its
+    options when that is None, over [sigma_min, sigma_max]."""
     from ..schedules import discretization, sigma_grid
     from ..solvers import solver_info
 
+    if spec.schedule_file is not None:
+        from ..schedules import read_schedule_file
+
+        return read_schedule_file(spec.schedule_file, "--schedule-file").grid_for_steps(steps, "--schedule-file")
     if spec.discretization is not None:
         return discretization(spec.discretization, steps, sigma_min, sigma_max)
     info = solver_info(spec.solver)

@@ -44,7 +44,16 @@ import torch
 
 from ..safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice, existing_path, output_folder
 from . import metrics
-from .samplers_registry import DEFAULT_NFE, SamplerSpec, describe, resolve_samplers, run_sampler
+from .samplers_registry import (
+    DEFAULT_NFE,
+    SAMPLER_GROUPS,
+    SamplerSpec,
+    core_rows,
+    describe,
+    resolve_samplers,
+    run_sampler,
+    sampler_set_line,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,6 +82,7 @@ class SweepConfig:
     quiet: bool = False
     ode_errors: bool = True
     extra_specs: list = field(default_factory=list)
+    schedule_file: str | None = None
 
     def validate(self) -> list[SamplerSpec]:
         """`InvalidArgument` naming the first bad option (the CLI shows its flag), every input file
@@ -97,6 +107,11 @@ class SweepConfig:
             raise InvalidArgument("samplers", "give at least one sampler name (or None for all of them)")
         specs = resolve_samplers(self.samplers) if self.samplers or not self.extra_specs else []
         specs = specs + list(self.extra_specs)
+        if self.schedule_file is not None:
+            from .schedule_search import schedule_file_specs
+
+            existing_path("schedule_file", self.schedule_file, what="schedule file")
+            schedule_file_specs(self.schedule_file, nfe, scheduler_loop=True)  # checks the file and its NFEs
         if self.output is not None:
             from .report import check_output_dir
 
@@ -307,7 +322,15 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     notes = []
     if skipped:
         notes.append(f"skipped {', '.join(skipped)}: they run diffusers' scheduler loop on a discrete VP (DDPM-family) "
-                     f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only)")
+                     f"epsilon network, and {config.model} is not one (VE / EDM models run our core samplers only; "
+                     "EDMScheduler rows ran as the same solver and grid on the core runner)")
+    if config.schedule_file is not None:
+        from ..schedules import read_schedule_file
+
+        searched_on = read_schedule_file(config.schedule_file, "schedule_file").meta.get("model")
+        if searched_on is not None and str(searched_on) != str(config.model):
+            notes.append(f"--schedule-file {config.schedule_file} was searched on {searched_on}, not {config.model}: "
+                         "a schedule fits the model it was searched on")
     if config.prompt and "prompt" not in model.info:
         notes.append(f"--prompt ignored: {config.model} is not a text-to-image model")
     if not fd_available:
@@ -424,10 +447,14 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
     if model is None:
         model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device, dtype=dtype)
     model.to(device)
+    added: list[str] = []
+    if config.schedule_file is not None:
+        from .schedule_search import with_schedule_file_rows
+
+        specs, added = with_schedule_file_rows(specs, config.schedule_file, config.nfe, model.unet is not None)
     skipped = []
-    if model.unet is None and not config.samplers:
-        skipped = [s.name for s in specs if s.runner == "scheduler"]
-        specs = [s for s in specs if s.runner != "scheduler"]  # default list: only the core applies (VE / EDM models)
+    if model.unet is None:  # VE / EDM models: rows from groups run their core equivalent, or are skipped
+        specs, skipped = core_rows(specs, explicit=[n for n in config.samplers or [] if n not in SAMPLER_GROUPS])
     if any(s.runner == "scheduler" for s in specs) and model.unet is None:
         names = [s.name for s in specs if s.runner == "scheduler"]
         raise InvalidArgument("samplers", f"{names} need a discrete VP (DDPM-family) model; {config.model} is not one")
@@ -487,6 +514,7 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
     result = _assemble(config, specs, nfes, model, features, records, ref_check, inputs["statistics"])
     result["true_images"] = inputs["true_images"]
     result["meta"]["notes"] = notes
+    result["meta"]["sampler_set"] = sampler_set_line(config.samplers, [s.name for s in specs], added, config.schedule_file)
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
     if config.output is not None:

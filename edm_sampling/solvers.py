@@ -351,15 +351,21 @@ def _lagrange_integrals(nodes: Sequence[float], a: float, b: float, tau: Callabl
     return integrals
 
 
-def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False) -> SolverPlan:
+def ipndm_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False, final_step: str = "extrapolate"
+) -> SolverPlan:
     """iPNDM: x_{i+1} = x_i + h_i sum_k w_k d_{i-k} with the fixed AB weights of order
     min(order, i + 1) (warm start, no order drop at the end); h_i = sigma_{i+1} - sigma_i.
-    Exact AB only on equal steps, so formally first order on other grids."""
+    Exact AB only on equal steps, so formally first order on other grids. The step to sigma = 0
+    is `final_denoised` (final_step "extrapolate" or "denoise"), or the AB step ("published")."""
     levels = _levels(sigmas, "ipndm")
     _check_order(order, 4, "ipndm")
     _check_afs(afs, levels)
+    _check_final_step(final_step)
 
     def update(i: int) -> tuple[Combination, ...]:
+        if levels[i + 1] == 0 and final_step != "published":
+            return (_final_update(levels, i, afs, final_step),)
         h = levels[i + 1] - levels[i]
         weights = IPNDM_WEIGHTS[min(order, i + 1)]
         return (_slope_update([h * w for w in weights], levels[i::-1][: len(weights)]),)
@@ -367,31 +373,40 @@ def ipndm_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: b
     return _multistep_plan("ipndm", levels, afs, update)
 
 
-def _variable_ab_plan(solver: str, levels: tuple[float, ...], order: int, afs: bool, tau: Callable) -> SolverPlan:
+def _variable_ab_plan(
+    solver: str, levels: tuple[float, ...], order: int, afs: bool, tau: Callable, final_step: str
+) -> SolverPlan:
+    _check_final_step(final_step)
+
     def update(i: int) -> tuple[Combination, ...]:
+        if levels[i + 1] == 0 and final_step != "published":
+            return (_final_update(levels, i, afs, final_step),)
         nodes = levels[i::-1][: min(order, i + 1)]
         return (_slope_update(_lagrange_integrals(nodes, levels[i], levels[i + 1], tau), nodes),)
 
     return _multistep_plan(solver, levels, afs, update)
 
 
-def ipndm_v_plan(sigmas: Sequence[float] | torch.Tensor, *, order: int = 4, afs: bool = False) -> SolverPlan:
+def ipndm_v_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 4, afs: bool = False, final_step: str = "extrapolate"
+) -> SolverPlan:
     """iPNDM with variable-step AB coefficients: the slope interpolated as a polynomial in sigma
     through the last min(order, i + 1) points and integrated exactly over [sigma_i, sigma_{i+1}]
-    (DEIS's rhoAB); order `order` on any grid."""
+    (DEIS's rhoAB); order `order` on any grid. The step to sigma = 0 as in `ipndm_plan`."""
     levels = _levels(sigmas, "ipndm_v")
     _check_order(order, 4, "ipndm_v")
     _check_afs(afs, levels)
-    return _variable_ab_plan("ipndm_v", levels, order, afs, lambda sigma: sigma)
+    return _variable_ab_plan("ipndm_v", levels, order, afs, lambda sigma: sigma, final_step)
 
 
 def deis_plan(
-    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False, sigma_to_t: TimeMap | None = None
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, afs: bool = False, sigma_to_t: TimeMap | None = None,
+    final_step: str = "extrapolate",
 ) -> SolverPlan:
     """tAB-DEIS: in EDM space the exponential integrator of the eps-parameterized ODE is
     x_{i+1} = x_i + integral of d over sigma, with d interpolated as a polynomial in the model's
     time t(sigma) (default: the continuous VP t) through the last min(order, i + 1) points; the
-    weights come from quadrature at set-up."""
+    weights come from quadrature at set-up. The step to sigma = 0 as in `ipndm_plan`."""
     levels = _levels(sigmas, "deis")
     _check_order(order, 4, "deis")
     _check_afs(afs, levels)
@@ -400,12 +415,17 @@ def deis_plan(
     def tau(sigma: np.ndarray) -> np.ndarray:
         return np.asarray(to_t(torch.as_tensor(sigma, dtype=torch.float64)), dtype=np.float64)
 
-    return _variable_ab_plan("deis", levels, order, afs, tau)
+    return _variable_ab_plan("deis", levels, order, afs, tau, final_step)
 
 
 # --- the step to sigma = 0 ---------------------------------------------------------------------------
 
-FINAL_STEPS = ("denoise", "extrapolate")
+FINAL_STEPS = ("extrapolate", "denoise", "published")
+"""The step to sigma = 0: D extrapolated to sigma = 0 (`final_denoised`, the default of every
+multistep solver), x = D at the last call, or the solver's own published update (DPM-Solver++ and
+UniPC: x = D, the same as "denoise"; iPNDM, iPNDM-v and DEIS: their Adams-Bashforth step to 0,
+which does not land on the data where the data are concentrated: on the ideal denoiser of the
+digits, 0.25 median RMSE at NFE 5 where x = D is exact)."""
 
 
 def final_denoised(denoised: Sequence[float], sigmas: Sequence[float]) -> float:

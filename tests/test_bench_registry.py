@@ -149,18 +149,20 @@ def test_the_first_screen_is_curated_and_every_other_row_stays_selectable():
 
     anchors = ["ddim", "euler-karras", "heun-karras", "dpmpp-2m-karras", "dpmpp-3m-karras", "unipc-bh2-karras", "deis-karras"]
     assert list(DEFAULT_SAMPLERS) == ["edm-heun", "edm-ipndm-scheduler", "edm-ipndm-afs-scheduler", "edm-unipc3-scheduler",
-                                      "edm-dpmpp-3m-scheduler", *anchors]
+                                      "edm-unipc3-afs-scheduler", *anchors]
     assert expand_sampler_names(None) == expand_sampler_names([]) == list(DEFAULT_SAMPLERS)
     assert expand_sampler_names(["all"]) == list(SAMPLERS)
-    assert set().union(*(SAMPLER_GROUPS[g] for g in ("default", "paper", "core", "diffusers"))) == set(SAMPLERS)
+    assert set().union(*(SAMPLER_GROUPS[g] for g in ("default", "paper", "core", "scheduler", "diffusers"))) == set(SAMPLERS)
+    assert "edm-dpmpp-3m-scheduler" in SAMPLER_GROUPS["scheduler"] and "edm-heun-scheduler" in SAMPLER_GROUPS["scheduler"]
     assert expand_sampler_names(["paper", "ddim", "edm-heun"]) == [*SAMPLER_GROUPS["paper"], "ddim"]  # in order, once
     assert {"edm-euler", "edm-heun-churn", "edm-heun-vp", "edm-heun-ve", "edm-heun-iddpm"} <= set(SAMPLER_GROUPS["paper"])
     assert all(SAMPLERS[n].runner == "core" for n in SAMPLER_GROUPS["core"]) and "edm-unipc-afs" in SAMPLER_GROUPS["core"]
-    with pytest.raises(ValueError, match="unknown sampler or group 'fast'; groups: default, paper, core, diffusers, all"):
+    with pytest.raises(ValueError, match="unknown sampler or group 'fast'; groups: default, paper, core, scheduler, diffusers, all"):
         expand_sampler_names(["fast"])
 
 
-@pytest.mark.parametrize("name", ["edm-ipndm-afs-scheduler", "edm-unipc3-scheduler", "edm-dpmpp-3m-scheduler", "edm-heun-scheduler"])
+@pytest.mark.parametrize("name", ["edm-ipndm-afs-scheduler", "edm-unipc3-scheduler", "edm-unipc3-afs-scheduler",
+                                  "edm-dpmpp-3m-scheduler", "edm-heun-scheduler"])
 def test_each_edm_scheduler_row_equals_its_core_equivalent(gaussian_model, name):
     """What VE / EDM models run instead of an EDMScheduler row: the same solver, options and
     grid on the core runner, with the same model calls and samples."""

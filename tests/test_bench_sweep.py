@@ -34,7 +34,7 @@ def test_small_sweep_writes_every_output_within_a_minute(tmp_path, capsys):
     printed = captured.out
     assert "wall time:" in printed and "edm-heun" in printed and "dpmpp-2m-karras" in printed
     assert printed.lstrip().startswith("samplers: the default set, the paper's Heun (edm-heun), our recommended")
-    assert f"anchors ({len(DEFAULT_SAMPLERS)} rows). Others: --samplers paper | core | diffusers | all | NAME,..." in printed
+    assert f"anchors ({len(DEFAULT_SAMPLERS)} rows). Others: --samplers paper | core | scheduler | diffusers | all | NAME,..." in printed
     # the even NFE is said once, on stderr while sampling starts, and again under the tables
     assert "NFE 4: these samplers cannot make exactly 4 calls" in captured.err
     assert "edm-heun (3)" in printed and "heun-karras (3)" in printed
@@ -218,7 +218,7 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     result = run_sweep(SweepConfig(model=str(path), nfe=[3], num_samples=2, reference_steps=4, progress=False))
     names = [r["sampler"] for r in result["rows"]]
     # the scheduler loop needs a discrete VP epsilon network: EDMScheduler rows run as the same solver and grid on the core
-    assert names == ["edm-heun", "edm-ipndm", "edm-ipndm-afs", "edm-unipc3", "edm-dpmpp-3m"]
+    assert names == ["edm-heun", "edm-ipndm", "edm-ipndm-afs", "edm-unipc3", "edm-unipc3-afs"]
     assert any(note.startswith("skipped ddim, euler-karras") for note in result["meta"]["notes"])
     assert all(r["nfe"] == 3 for r in result["rows"])
     assert all(np.isfinite(r["error_mean"]) for r in result["rows"])

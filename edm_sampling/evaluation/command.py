@@ -18,7 +18,7 @@ EDM samplers (run as plain functions, and as EDMScheduler in a diffusers loop) w
 diffusers' DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS at equal NFE. By
 default it runs the first screen: the paper's Heun, our recommended EDMScheduler configurations
 (iPNDM, iPNDM with the analytical first step, UniPC order 3, DPM-Solver++ 3M) and diffusers'
-seven anchors; `--samplers paper | core | diffusers | all` (or names) shows the others.
+seven anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others.
 
 Quality, lower is better everywhere: the per-sample RMSE to the ODE solution from the same
 noise; the share of samples that end in another mode (mixture component, training image)

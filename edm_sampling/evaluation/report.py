@@ -238,13 +238,14 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p", "d", "8")
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
            "#000000", "#8db600", "#882d17", "#f3c300", "#604e97", "#00a86b", "#ff1493", "#654522", "#a1caf1", "#f99379",
-           "#000080", "#808000", "#00ced1", "#b03060", "#ff8c00", "#2f4f4f", "#7cfc00", "#da70d6", "#4682b4", "#a0522d")
-"""tab10, then twenty more of high mutual contrast (Kelly's list and named web colours): 30."""
+           "#000080", "#808000", "#00ced1", "#b03060", "#ff8c00", "#2f4f4f", "#7cfc00", "#da70d6", "#4682b4", "#a0522d",
+           "#ffd700", "#008b8b", "#c71585", "#556b2f", "#ff6347", "#4b0082")
+"""tab10, then twenty-six more of high mutual contrast (Kelly's list and named web colours): 36."""
 
 
 def sampler_styles(names: Sequence[str], families: dict[str, str]) -> dict[str, dict]:
-    """A distinct colour and marker per sampler (distinct colours for up to 30 samplers, distinct
-    pairs for up to 210), a solid line for ours and a dashed one for diffusers'."""
+    """A distinct colour and marker per sampler (distinct colours for up to 36 samplers, distinct
+    pairs for up to 252), a solid line for ours and a dashed one for diffusers'."""
     return {
         name: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
                "linestyle": "--" if families.get(name) == DIFFUSERS else "-"}

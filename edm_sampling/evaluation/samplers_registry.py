@@ -20,12 +20,13 @@ the paper's VP, VE and iDDPM discretizations (the Figure 2 ablation), Heun throu
 variable-step iPNDM, DPM-Solver++ 2M / 3M, UniPC, DEIS) on its default grid, each also with
 the analytical first step (AFS: the first model call replaced by the data-mean estimate), and
 the recommended configurations through `EDMScheduler` in the scheduler loop (what a pipeline
-user gets): iPNDM (order 3, logsnr grid), iPNDM with AFS, UniPC of order 3 and DPM-Solver++(3M),
-the best of ours per NFE range in benchmarks/low_nfe_accuracy.py.
+user gets): iPNDM (order 3, logsnr grid), iPNDM with AFS, UniPC of order 3 with and without AFS
+(the best of ours per NFE range in benchmarks/low_nfe_accuracy.py), and DPM-Solver++(3M).
 
 Groups (`SAMPLER_GROUPS`, usable in `--samplers` beside names): "default", the first screen
 (the paper's Heun, the recommended EDMScheduler rows, diffusers' seven anchors); "paper", the
-paper's samplers and ablations; "core", every row of the core runner; "diffusers"; "all".
+paper's samplers and ablations; "core", every row of the core runner; "scheduler", every
+EDMScheduler row; "diffusers"; "all".
 
 diffusers' anchors, each configured the way that gives it its full range and its documented
 best low-step behaviour (read from the diffusers 0.42 sources):
@@ -141,17 +142,23 @@ def edm_scheduler_row(name: str, description: str, solver: str, **options: Any) 
 
 
 def _recommended_rows() -> list[SamplerSpec]:
-    """The configurations benchmarks/low_nfe_accuracy.py finds best per NFE range, each on its
-    solver's default grid through EDMScheduler."""
+    """The configurations benchmarks/low_nfe_accuracy.py finds best per NFE range (the README's
+    recommendation table), each on its solver's default grid through EDMScheduler."""
     return [
         edm_scheduler_row("edm-ipndm-scheduler", "EDMScheduler(solver='ipndm'): iPNDM order 3, logsnr grid", "ipndm"),
         edm_scheduler_row("edm-ipndm-afs-scheduler", "EDMScheduler(solver='ipndm', afs=True): iPNDM order 3, logsnr grid, "
                           "analytical first step", "ipndm", afs=True),
         edm_scheduler_row("edm-unipc3-scheduler", "EDMScheduler(solver='unipc', solver_order=3): UniPC bh2 order 3, logsnr grid",
                           "unipc", solver_order=3),
-        edm_scheduler_row("edm-dpmpp-3m-scheduler", "EDMScheduler(solver='dpmpp_3m'): DPM-Solver++(3M), logsnr grid",
-                          "dpmpp_3m"),
+        edm_scheduler_row("edm-unipc3-afs-scheduler", "EDMScheduler(solver='unipc', solver_order=3, afs=True): UniPC bh2 "
+                          "order 3, logsnr grid, analytical first step", "unipc", solver_order=3, afs=True),
     ]
+
+
+def _other_scheduler_rows() -> list[SamplerSpec]:
+    """EDMScheduler configurations outside the default set (group "core" and "all")."""
+    return [edm_scheduler_row("edm-dpmpp-3m-scheduler", "EDMScheduler(solver='dpmpp_3m'): DPM-Solver++(3M), logsnr grid",
+                              "dpmpp_3m")]
 
 
 _KARRAS_ZERO = {"use_karras_sigmas": True, "final_sigmas_type": "zero", "lower_order_final": True}
@@ -170,6 +177,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         edm_scheduler_row("edm-heun-scheduler", "EDMScheduler (Heun, rho=7) in the plain diffusers loop on the epsilon network",
                           "heun"),
         *_recommended_rows(),
+        *_other_scheduler_rows(),
         SamplerSpec("ddim", DIFFUSERS, "DDIMScheduler (eta=0, trailing timesteps)", runner="scheduler",
                     scheduler_class="DDIMScheduler",
                     scheduler_kwargs={"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False}),
@@ -203,6 +211,7 @@ SAMPLER_GROUPS: dict[str, tuple[str, ...]] = {
     "default": ("edm-heun", *(s.name for s in _recommended_rows()), *(n for n, s in SAMPLERS.items() if s.family == DIFFUSERS)),
     "paper": ("edm-heun", "edm-euler", "edm-heun-churn", "edm-heun-vp", "edm-heun-ve", "edm-heun-iddpm", "edm-heun-scheduler"),
     "core": tuple(ours_names()),
+    "scheduler": tuple(n for n, s in SAMPLERS.items() if s.family == OURS and s.runner == "scheduler"),
     "diffusers": tuple(n for n, s in SAMPLERS.items() if s.family == DIFFUSERS),
     "all": tuple(SAMPLERS),
 }

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LOSSES = ("edm", "vp", "ve", "ddpm")
-NOISE_DISTRIBUTIONS = ("lognormal", "ddpm")
-LOSS_WEIGHTINGS = ("edm", "native")
+NOISE_DISTRIBUTIONS = ("native", "lognormal", "ddpm")
+LOSS_WEIGHTINGS = ("native", "edm", "balanced")
 EXPORT_SCHEDULERS = ("edm", "original")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Fields that must match when resuming: they change the model or the data stream.
@@ -49,8 +49,10 @@ class TrainConfig:
 
     ``loss`` picks the recipe: "edm" (log-normal sigma, EDM weighting), "ddpm" (the DDPM
     recipe: uniform integer timesteps, MSE on the network's own output), or, from scratch only,
-    the Table 1 recipes "vp" / "ve". ``noise_distribution`` and ``loss_weighting`` override
-    the two halves of the recipe separately (None: from ``loss``).
+    the Table 1 recipes "vp" / "ve". None (the default) is "edm" from scratch; with
+    ``pretrained`` it is the fine-tuning recipe: the model's own noise levels with the balanced
+    weighting (see :attr:`recipe`). ``noise_distribution`` and ``loss_weighting`` override the
+    two halves of the recipe separately (None: from ``loss``).
     """
 
     output_dir: str = "edm-output-train"
@@ -61,7 +63,7 @@ class TrainConfig:
     pretrained: str | None = None
     scheduler_config: str | None = None  # for a bare UNet folder given as pretrained
     resolution: int | tuple[int, int] | str | None = None  # None: 16 (digits), the model's size, or the folder's
-    loss: str = "edm"
+    loss: str | None = None  # None: "edm" from scratch, the fine-tuning recipe with pretrained
     noise_distribution: str | None = None
     loss_weighting: str | None = None
     p_mean: float = -1.2
@@ -99,13 +101,18 @@ class TrainConfig:
     export_scheduler: str = "edm"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.loss is None and self.pretrained is None:
+            self.loss = "edm"
+
     def validate(self) -> None:
         """ValueError naming the first bad field (as its CLI flag) and its allowed range."""
         checks = [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+            (self.loss in LOSSES or (self.loss is None and self.pretrained is not None),
+             f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (self.noise_distribution in (None, *NOISE_DISTRIBUTIONS),
              f"--noise-distribution must be one of {NOISE_DISTRIBUTIONS}, got {self.noise_distribution!r}"),
             (self.loss_weighting in (None, *LOSS_WEIGHTINGS),
@@ -134,9 +141,9 @@ class TrainConfig:
             (not (self.data is not None and self.dataset is not None), "--data and --dataset cannot both be given"),
             (self.scheduler_config is None or self.pretrained is not None,
              "--scheduler-config is only used with --pretrained (a bare UNet folder)"),
-            (self.pretrained is None or self.loss in ("edm", "ddpm"),
+            (self.pretrained is None or self.loss in (None, "edm", "ddpm"),
              f"--loss must be 'edm' or 'ddpm' with --pretrained (the model keeps its own preconditioning), got {self.loss!r}"),
-            (self.loss in ("edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
+            (self.loss in (None, "edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
              f"--noise-distribution / --loss-weighting apply to --loss edm or ddpm, not {self.loss!r}"),
             (not (self.resume and self.overwrite), "resume and overwrite cannot both be set"),
         ]
@@ -147,8 +154,12 @@ class TrainConfig:
 
     @property
     def recipe(self) -> tuple[str, str]:
-        """(noise distribution, loss weighting) of an "edm" / "ddpm" run, flags overriding ``loss``."""
-        default = ("ddpm", "native") if self.loss == "ddpm" else ("lognormal", "edm")
+        """(noise distribution, loss weighting), the flags overriding ``loss``'s: "edm" ->
+        (lognormal, edm), "ddpm" -> (ddpm, native), and for a pretrained model without
+        ``loss`` (native, balanced): the noise levels it was trained on, each weighted by
+        1 / its own loss there at step 0. That recipe improves an epsilon model where EDM's
+        does not (benchmarks/finetune_quality.py)."""
+        default = {"ddpm": ("ddpm", "native"), None: ("native", "balanced")}.get(self.loss, ("lognormal", "edm"))
         return (self.noise_distribution or default[0], self.loss_weighting or default[1])
 
     @property

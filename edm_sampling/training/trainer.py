@@ -27,6 +27,7 @@ run ends by exporting the EMA UNet as a diffusers pipeline folder (`export.py`).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -238,6 +239,9 @@ class Trainer:
                 if (self.output_dir / name).exists():
                     (self.output_dir / name).unlink()
         self.cache = self._latent_cache() if config.cache_latents and self.latent else None
+        if self.loss_fn.needs_calibration:  # balanced weighting: the model's own loss per sigma, at step 0
+            self.loss_fn.calibrate(self.unwrapped, (self.prepare_batch(s, 0) for s in itertools.count()),
+                                   lambda t: acc.reduce(t.to(acc.device), reduction="mean").cpu())
 
     # ---- data ------------------------------------------------------------------------
     def _open_data(self, dataset: ImageDataset | None) -> None:
@@ -429,6 +433,7 @@ class Trainer:
             "images_seen": self.images_seen,
             "skipped_steps": self.skipped_steps,
             "config": self.config.to_json(),
+            "loss": self.loss_fn.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
@@ -463,6 +468,7 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        self.loss_fn.load_state_dict(state.get("loss", {}))
         self.step, self.images_seen, self.skipped_steps = state["step"], state["images_seen"], state["skipped_steps"]
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):

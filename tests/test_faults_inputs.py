@@ -205,7 +205,7 @@ TRAIN_CONFIG_BAD = {
     "output_dir": ["", 5, None, "{notes_txt}"], "data": [5, "{missing}", "{notes_txt}", "{empty}"],
     "dataset": [5, "{missing}"], "image_column": ["", 5], "caption_column": ["", None],
     "pretrained": [5, "{missing}", "{index_list}", "{unet_config_bad}"], "scheduler_config": [5, "{notes_txt}"],
-    "resolution": [0, -8, 7, "abc", 8.5, (8, 8, 8), True], "loss": ["l1", 5, None], "noise_distribution": ["x", 5],
+    "resolution": [0, -8, 7, "abc", 8.5, (8, 8, 8), True], "loss": ["l1", 5, ""], "noise_distribution": ["x", 5],
     "loss_weighting": ["x"], "p_mean": [INF, NAN, "abc", None], "p_std": [0, -1, INF, NAN, "1.2"],
     "steps": [0, -1, 1.5, INF, "10", True], "batch_size": [0, -1, 2.5, "8"], "grad_accum": [0, -1, "2"],
     "lr": [0, -1, INF, NAN, "1e-3"], "lr_warmup_images": [-1, 1.5, "10"], "max_grad_norm": [0, -1, INF, NAN, "1"],

@@ -96,14 +96,14 @@ def test_edm_recipe_sigmas_clipped_to_the_model_and_weights(models, tmp_path):
     the native weighting is MSE on the network's own output (epsilon here)."""
     from edm_sampling.training.losses import edm_weight
 
-    trainer = Trainer(_config(models, tmp_path, p_mean=3.0, p_std=3.0))
+    trainer = Trainer(_config(models, tmp_path, loss="edm", p_mean=3.0, p_std=3.0))
     denoiser = trainer.unwrapped
     sigma = trainer.loss_fn.sample_sigma(4000, torch.Generator().manual_seed(0))
     assert sigma.min() >= denoiser.sigma_min * (1 - 1e-6) and sigma.max() <= denoiser.sigma_max * (1 + 1e-6)
     assert (sigma == sigma.max()).float().mean() > 0.1  # p_mean = 3: many draws clipped at the top
     s = torch.tensor([0.05, 1.0, 20.0])
     torch.testing.assert_close(trainer.loss_fn.weight(s), edm_weight(s, 0.5))
-    native = Trainer(_config(models, tmp_path, name="native", loss_weighting="native"))
+    native = Trainer(_config(models, tmp_path, name="native", loss="edm", loss_weighting="native"))
     torch.testing.assert_close(native.loss_fn.weight(s), 1 / s**2)
     batch = native.prepare_batch(0, 0)
     with torch.no_grad():  # native weighting == epsilon-MSE at the fractional timestep the denoiser feeds
@@ -172,8 +172,9 @@ def test_finetune_ddpm_export_original_scheduler_non_square(models, tmp_path):
     assert images.shape == (1, 8, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()  # the trained size
 
 
-def test_scratch_ddpm_recipe_then_finetune_it_with_edm(tmp_path):
-    """`--loss ddpm` from scratch makes an epsilon DDPMPipeline; `--pretrained` fine-tunes it."""
+def test_scratch_ddpm_recipe_then_finetune_it(tmp_path):
+    """`--loss ddpm` from scratch makes an epsilon DDPMPipeline; `--pretrained` fine-tunes it
+    with the fine-tuning recipe (its own timesteps, balanced weighting) unless --loss is given."""
     from diffusers import DDPMPipeline, DiffusionPipeline
 
     from edm_sampling.cli import main
@@ -188,8 +189,8 @@ def test_scratch_ddpm_recipe_then_finetune_it_with_edm(tmp_path):
     write_image_folder(digits, sizes=[(8, 8)] * 4, mode="L")
     assert main(["train", "--pretrained", str(tmp_path / "eps" / "pipeline"), "--data", str(digits),
                  "--output-dir", str(tmp_path / "ft"), *common[4:]]) == 0
-    trainer_cfg = load_checkpoint(tmp_path / "ft" / CHECKPOINT_NAME)["state"]["config"]
-    assert trainer_cfg["pretrained"] and trainer_cfg["loss"] == "edm"
+    state = load_checkpoint(tmp_path / "ft" / CHECKPOINT_NAME)["state"]
+    assert state["config"]["pretrained"] and state["config"]["loss"] is None and state["loss"]["balanced"]
 
 
 # ---- exact resume through streaming, latents, captions --------------------------------------

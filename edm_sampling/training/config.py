@@ -10,8 +10,8 @@ from typing import Any
 from edm_sampling.safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice
 
 LOSSES = ("edm", "vp", "ve", "ddpm")
-NOISE_DISTRIBUTIONS = ("lognormal", "ddpm")
-LOSS_WEIGHTINGS = ("edm", "native")
+NOISE_DISTRIBUTIONS = ("native", "lognormal", "ddpm")
+LOSS_WEIGHTINGS = ("native", "edm", "balanced")
 EXPORT_SCHEDULERS = ("edm", "original")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Fields that must match when resuming: they change the model or the data stream.
@@ -84,7 +84,7 @@ NUMBER_FIELDS: dict[str, Number] = {
     "guidance_scale": Number(1),
 }
 CHOICE_FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {  # name: (choices, None allowed)
-    "loss": (LOSSES, False),
+    "loss": (LOSSES, True),  # None: "edm" from scratch, the fine-tuning recipe with pretrained
     "noise_distribution": (NOISE_DISTRIBUTIONS, True),
     "loss_weighting": (LOSS_WEIGHTINGS, True),
     "mixed_precision": (MIXED_PRECISION, False),
@@ -109,8 +109,10 @@ class TrainConfig:
 
     ``loss`` picks the recipe: "edm" (log-normal sigma, EDM weighting), "ddpm" (the DDPM
     recipe: uniform integer timesteps, MSE on the network's own output), or, from scratch only,
-    the Table 1 recipes "vp" / "ve". ``noise_distribution`` and ``loss_weighting`` override
-    the two halves of the recipe separately (None: from ``loss``).
+    the Table 1 recipes "vp" / "ve". None (the default) is "edm" from scratch; with
+    ``pretrained`` it is the fine-tuning recipe: the model's own noise levels with the balanced
+    weighting (see :attr:`recipe`). ``noise_distribution`` and ``loss_weighting`` override the
+    two halves of the recipe separately (None: from ``loss``).
     """
 
     output_dir: str = "edm-output-train"
@@ -121,7 +123,7 @@ class TrainConfig:
     pretrained: str | None = None
     scheduler_config: str | None = None  # for a bare UNet folder given as pretrained
     resolution: int | tuple[int, int] | str | None = None  # None: 16 (digits), the model's size, or the folder's
-    loss: str = "edm"
+    loss: str | None = None  # None: "edm" from scratch, the fine-tuning recipe with pretrained
     noise_distribution: str | None = None
     loss_weighting: str | None = None
     p_mean: float = -1.2
@@ -159,6 +161,10 @@ class TrainConfig:
     export_scheduler: str = "edm"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.loss is None and self.pretrained is None:
+            self.loss = "edm"
+
     def validate(self) -> None:
         """`InvalidArgument` naming the first bad field and its allowed values (the CLI shows it under
         the field's flag), then the combinations that do not go together. Checks values only:
@@ -182,9 +188,11 @@ class TrainConfig:
             (not (self.data is not None and self.dataset is not None), "data", "cannot be used together with --dataset"),
             (self.scheduler_config is None or self.pretrained is not None, "scheduler_config",
              "is only used with --pretrained (a bare UNet folder)"),
-            (self.pretrained is None or self.loss in ("edm", "ddpm"), "loss",
+            (self.loss is not None or self.pretrained is not None, "loss",
+             f"must be one of {LOSSES} (None only with --pretrained), got None"),
+            (self.pretrained is None or self.loss in (None, "edm", "ddpm"), "loss",
              f"must be 'edm' or 'ddpm' with --pretrained (the model keeps its own preconditioning), got {self.loss!r}"),
-            (self.loss in ("edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
+            (self.loss in (None, "edm", "ddpm") or (self.noise_distribution is None and self.loss_weighting is None),
              "noise_distribution", f"--noise-distribution / --loss-weighting apply to --loss edm or ddpm, not {self.loss!r}"),
             (not (self.resume and self.overwrite), "resume", "cannot be used together with --overwrite"),
         ]
@@ -194,8 +202,12 @@ class TrainConfig:
 
     @property
     def recipe(self) -> tuple[str, str]:
-        """(noise distribution, loss weighting) of an "edm" / "ddpm" run, flags overriding ``loss``."""
-        default = ("ddpm", "native") if self.loss == "ddpm" else ("lognormal", "edm")
+        """(noise distribution, loss weighting), the flags overriding ``loss``'s: "edm" ->
+        (lognormal, edm), "ddpm" -> (ddpm, native), and for a pretrained model without
+        ``loss`` (native, balanced): the noise levels it was trained on, each weighted by
+        1 / its own loss there at step 0. That recipe improves an epsilon model where EDM's
+        does not (benchmarks/finetune_quality.py)."""
+        default = {"ddpm": ("ddpm", "native"), None: ("native", "balanced")}.get(self.loss, ("lognormal", "edm"))
         return (self.noise_distribution or default[0], self.loss_weighting or default[1])
 
     @property

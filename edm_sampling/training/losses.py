@@ -15,21 +15,28 @@ of std sigma_data, whatever the image size: lambda c_out^2 = 1 for every family.
 | ve   | ln sigma ~ U(ln sigma_min, ln sigma_max) | 1/sigma^2                  |
 | ddpm | sigma_j, j ~ U{0..M-1} (the model's schedule) | 1/c_out^2 (MSE on the net's output) |
 
-:class:`FamilyLoss` combines either noise distribution with either weighting for a model in its
-own preconditioning (fine-tuning).
+:class:`FamilyLoss` combines a noise distribution with a weighting for a model in its own
+preconditioning (fine-tuning). Besides EDM's and the native ones it offers the "balanced"
+weighting, lambda(sigma) = 1 / L0(sigma) with L0 the model's own loss at sigma when training
+starts (:class:`BalancedWeight`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
-from edm_sampling.schedules import VP_BETA_D, VP_BETA_MIN, vp_sigma
+from edm_sampling.safety.inputs import check_choice
+from edm_sampling.schedules import (EDM_SIGMA_MAX, EDM_SIGMA_MIN, VP_BETA_D, VP_BETA_MIN, sigma_to_timestep,
+                                   timestep_to_sigma, vp_sigma)
 
-from .config import LOSSES
+from .config import LOSS_WEIGHTINGS, LOSSES, NOISE_DISTRIBUTIONS
+
+CALIBRATION_LEVELS = 16  # noise levels of the balanced weighting's table, log-spaced over the model's range
+CALIBRATION_IMAGES = 64  # training images (per process) each level's loss is averaged over
 
 
 class LossOutput(NamedTuple):
@@ -78,8 +85,107 @@ class DiscreteTimestepSigma:
         return self.train_sigmas.to(device=j.device, dtype=torch.float32)[j]
 
 
+class BalancedWeight:
+    """lambda(sigma) = 1 / L0(sigma): the loss is 1 at every noise level when training starts.
+
+    EDM chose lambda = 1/c_out^2 so that the initial loss of a new network has the same size at
+    every sigma (section 5 of the paper); EDM2 (Karras et al. 2024) keeps the per-sigma losses
+    equal during training by dividing by a learned estimate of each. A pretrained model's
+    losses are far from equal: an epsilon model's MSE on epsilon is ~1e-3 at sigma = 80 and
+    ~0.3 at sigma = 0.1, so its native weighting hardly trains the high noise levels, where
+    D = x - sigma * eps multiplies every epsilon error by sigma. This weighting divides by
+    L0(sigma) = E ||D(y + n; sigma) - y||^2 / pixels of the model as it is at step 0, measured
+    on the training data at ``CALIBRATION_LEVELS`` noise levels log-spaced over the model's
+    range and interpolated linearly in log sigma (clamped at the ends). It is in D space, so
+    it is the same weighting whatever the model's parameterization.
+    """
+
+    def __init__(self, levels: torch.Tensor, losses: torch.Tensor):
+        levels, losses = levels.double().reshape(-1), losses.double().reshape(-1)
+        if len(levels) < 2 or levels.shape != losses.shape or not bool((levels[1:] > levels[:-1]).all()):
+            raise ValueError("BalancedWeight needs >= 2 increasing noise levels and one loss per level")
+        if not bool(torch.isfinite(losses).all() and (losses > 0).all()):
+            raise ValueError(f"the pretrained model's per-sigma losses must be finite and > 0, got {losses.tolist()}")
+        self.levels, self.losses = levels, losses
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1 / L0(sigma), on sigma's device (no host copy: the training step stays sync-free)."""
+        if sigma.device not in self._on_device:
+            self._on_device[sigma.device] = (self.levels.to(sigma.device, torch.float32),
+                                             self.losses.to(sigma.device, torch.float32))
+        levels, losses = self._on_device[sigma.device]
+        position = sigma_to_timestep(sigma.detach().float(), levels)  # fractional index, linear in log sigma
+        return 1 / timestep_to_sigma(position, losses)  # log L0 interpolated linearly in log sigma
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"levels": self.levels.tolist(), "losses": self.losses.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, list[float]]) -> "BalancedWeight":
+        return cls(torch.tensor(state["levels"], dtype=torch.float64), torch.tensor(state["losses"], dtype=torch.float64))
+
+
+def calibration_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """The noise levels the balanced weighting measures: the model's range, with EDM's
+    [0.002, 80] at an end the model leaves open (EDM models support any sigma)."""
+    return (sigma_min if sigma_min > 0 else EDM_SIGMA_MIN, sigma_max if math.isfinite(sigma_max) else EDM_SIGMA_MAX)
+
+
+@torch.no_grad()
+def per_sigma_loss(denoiser: Callable[..., torch.Tensor], batches: Iterable[Any], levels: torch.Tensor,
+                   images: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:
+    """Mean of ||D(y + sigma n; sigma) - y||^2 / pixels at each of ``levels`` [K] over the first
+    ``images`` clean images y of ``batches`` (objects with ``y`` and ``model_kwargs``, like the
+    trainer's batches), n ~ N(0, I) drawn from ``seed``. The denoiser runs in eval mode, on
+    chunks of 4 batches' size (no gradients), and is left in the mode it was in."""
+    ys: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+    seen = 0
+    for batch in batches:
+        take = min(len(batch.y), images - seen)
+        ys.append(batch.y[:take])
+        kwargs.append({k: v[:take] for k, v in batch.model_kwargs.items()})
+        seen += take
+        if seen >= images:
+            break
+    if seen == 0:
+        raise ValueError("the balanced loss weighting needs training images to measure the model's loss on")
+    y = torch.cat(ys)
+    model_kwargs = {k: torch.cat([kw[k] for kw in kwargs]) for k in kwargs[0]}
+    chunk = 4 * len(ys[0])
+    generator = torch.Generator(device=y.device).manual_seed(seed)
+    module = denoiser if isinstance(denoiser, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    total = torch.zeros(len(levels), dtype=torch.float64)
+    try:
+        for k, level in enumerate(levels.tolist()):
+            for start in range(0, len(y), chunk):
+                part = y[start:start + chunk]
+                sigma = torch.full((len(part),), level, device=y.device)
+                noise = torch.randn(part.shape, generator=generator, device=y.device, dtype=y.dtype)
+                out = denoising_loss(denoiser, part, sigma, noise, torch.ones_like(sigma),
+                                     {name: v[start:start + chunk] for name, v in model_kwargs.items()})
+                total[k] += out.loss.double().sum().cpu()
+    finally:
+        if module is not None:
+            module.train(was_training)
+    return total / len(y)
+
+
 class Loss:
     """A training loss: a sigma distribution (``sample_sigma``) and a weight lambda(sigma)."""
+
+    needs_calibration = False  # FamilyLoss's balanced weighting measures the model first
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep to resume this loss exactly (nothing for a fixed formula)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def sample_sigma(self, batch: int, generator=None, device=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -143,18 +249,25 @@ class VELoss(Loss):
 class FamilyLoss(Loss):
     """The loss of a model in its own preconditioning family (fine-tuning, or the DDPM recipe).
 
-    Noise distribution: "lognormal" (EDM's, clamped to the model's sigma range) or "ddpm"
-    (uniform integer timesteps of a discrete VP model). Weighting: "edm" (EDM's lambda) or
+    Noise distribution: "lognormal" (EDM's, clamped to the model's sigma range), "ddpm"
+    (uniform integer timesteps of a discrete VP model) or "native" (the model's own: "ddpm"
+    for discrete VP models, "lognormal" for EDM models). Weighting: "edm" (EDM's lambda),
     "native": lambda = 1 / c_out(sigma)^2 of the model's own coefficients, i.e. a plain MSE on
-    the network's raw output: epsilon-MSE for epsilon models, v-MSE for v-prediction, x0-MSE for
-    sample prediction, EDM's lambda for EDM models.
+    the network's raw output (epsilon-MSE for epsilon models, v-MSE for v-prediction, x0-MSE for
+    sample prediction, EDM's lambda for EDM models), or "balanced": 1 / (the model's own loss
+    at sigma at the start), which needs :meth:`calibrate` before the first step
+    (:class:`BalancedWeight`).
     """
 
     def __init__(self, denoiser: Any, noise_distribution: str = "lognormal", weighting: str = "edm",
                  p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+        check_choice("noise_distribution", noise_distribution, NOISE_DISTRIBUTIONS)
+        check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
+        family = getattr(denoiser, "family", None)
+        train_sigmas = getattr(family, "train_sigmas", None)
+        if noise_distribution == "native":
+            noise_distribution = "lognormal" if train_sigmas is None else "ddpm"
         if noise_distribution == "ddpm":
-            family = getattr(denoiser, "family", None)
-            train_sigmas = getattr(family, "train_sigmas", None)
             if train_sigmas is None:
                 name = getattr(family, "name", type(denoiser).__name__)
                 raise ValueError(
@@ -162,14 +275,38 @@ class FamilyLoss(Loss):
                     f"this one is a {name!r} model: use --noise-distribution lognormal"
                 )
             self.sampler: Callable[..., torch.Tensor] = DiscreteTimestepSigma(train_sigmas)
-        elif noise_distribution == "lognormal":
-            self.sampler = LogNormalSigma(p_mean, p_std, float(denoiser.sigma_min), float(denoiser.sigma_max))
         else:
-            raise ValueError(f"--noise-distribution must be 'lognormal' or 'ddpm', got {noise_distribution!r}")
-        if weighting not in ("edm", "native"):
-            raise ValueError(f"--loss-weighting must be 'edm' or 'native', got {weighting!r}")
-        self.weighting, self.sigma_data = weighting, sigma_data
+            self.sampler = LogNormalSigma(p_mean, p_std, float(denoiser.sigma_min), float(denoiser.sigma_max))
+        self.noise_distribution, self.weighting, self.sigma_data = noise_distribution, weighting, sigma_data
+        self.sigma_range = (float(denoiser.sigma_min), float(denoiser.sigma_max))
         self._coefficients = denoiser.coefficients
+        self.balanced: BalancedWeight | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True until the balanced weighting has measured (or been given) its loss table."""
+        return self.weighting == "balanced" and self.balanced is None
+
+    def calibrate(self, denoiser: Any, batches: Iterable[Any],
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BalancedWeight:
+        """Measure the balanced weighting's table: the loss of ``denoiser`` (as it is now) at
+        ``CALIBRATION_LEVELS`` noise levels log-spaced over its range, on ``batches`` of
+        training data; ``reduce`` averages the table over processes."""
+        lo, hi = calibration_range(*self.sigma_range)
+        levels = torch.exp(torch.linspace(math.log(lo), math.log(hi), CALIBRATION_LEVELS, dtype=torch.float64))
+        losses = per_sigma_loss(denoiser, batches, levels)
+        if reduce is not None:
+            losses = reduce(losses)
+        self.balanced = BalancedWeight(levels, losses)
+        return self.balanced
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the balanced weighting's table (empty for the other weightings)."""
+        return {"balanced": self.balanced.state_dict()} if self.balanced is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("balanced"):
+            self.balanced = BalancedWeight.from_state_dict(state["balanced"])
 
     def sample_sigma(self, batch: int, generator=None, device=None) -> torch.Tensor:
         return self.sampler(batch, generator, device)
@@ -177,6 +314,10 @@ class FamilyLoss(Loss):
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.weighting == "edm":
             return edm_weight(sigma, self.sigma_data)
+        if self.weighting == "balanced":
+            if self.balanced is None:
+                raise RuntimeError("the balanced loss weighting is not calibrated: call FamilyLoss.calibrate first")
+            return self.balanced(sigma)
         return 1 / self._coefficients(sigma).c_out.square()
 
 

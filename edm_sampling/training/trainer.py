@@ -35,6 +35,7 @@ are never exported.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -377,6 +378,10 @@ class Trainer:
         self.cache = self._latent_cache() if config.cache_latents and self.latent else None
         if acc.is_main_process:
             print(self.found, flush=True)
+        if self.loss_fn.needs_calibration:  # balanced weighting: the model's own loss per sigma, at step 0
+            self.loss_fn.calibrate(self.unwrapped, (self.prepare_batch(s, r) for s in itertools.count()
+                                                    for r in range(config.grad_accum)),
+                                   lambda t: acc.reduce(t.to(acc.device), reduction="mean").cpu())
 
     # ---- data ------------------------------------------------------------------------
     def _open_data(self, dataset: ImageDataset | None) -> None:
@@ -571,6 +576,7 @@ class Trainer:
             "images_seen": self.images_seen,
             "skipped_steps": self.skipped_steps,
             "config": self.config.to_json(),
+            "loss": self.loss_fn.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
 
@@ -606,6 +612,7 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        self.loss_fn.load_state_dict(state.get("loss", {}))
         self.step, self.images_seen, self.skipped_steps = state["step"], state["images_seen"], state["skipped_steps"]
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):

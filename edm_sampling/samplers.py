@@ -174,6 +174,11 @@ def churned_grid(
     model's sigma_max, then rounded): the levels shared by `sample`, `sample_ablation` and the
     diffusers scheduler."""
     grid = round_grid(sigmas, round_sigma)
+    positive = grid[grid > 0]
+    if bool((positive[1:] >= positive[:-1]).any()):
+        raise ValueError(f"{len(grid) - 1} steps put two grid levels on one trained noise level of the model "
+                         "(timestep_mapping='round' snaps the grid to the levels the model was trained at): use fewer "
+                         "steps, schedule='iddpm', or timestep_mapping='interpolate'")
     gammas = churn_gammas(grid, s_churn, s_tmin, s_tmax)
     hats = round_grid(torch.tensor(sigma_hats(grid, gammas, sigma_max), dtype=torch.float64), round_sigma)
     return grid, hats.tolist()

@@ -226,9 +226,11 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             or, for solvers that cannot start there, their own grid from sigma_max).
         schedule_file: a JSON grid file written by `edm-sampling tune --schedule` (instead of
             `schedule`); it must hold a grid of the step count asked for.
-        final_step: the step to sigma = 0 of dpmpp_2m / dpmpp_3m / unipc: "extrapolate" (their
-            default: the denoised trajectory extrapolated to sigma = 0 in sigma^2,
-            `solvers.final_denoised`) or "denoise" (x = D at the last call, the published rule).
+        final_step: the step to sigma = 0 of dpmpp_2m / dpmpp_3m / unipc / ipndm / ipndm_v / deis:
+            "extrapolate" (the default: the denoised trajectory extrapolated to sigma = 0 in
+            sigma^2, `solvers.final_denoised`), "denoise" (x = D at the last call, the published
+            rule of DPM-Solver++ and UniPC) or "published" (each solver's own published last step:
+            the Adams-Bashforth step to 0 for ipndm / ipndm_v / deis).
         sigma_min, sigma_max, rho: the grid's range, clamped to the model's (discrete VP: the
             noise levels of its alphas_cumprod), and the karras grid's rho. Flow models' own
             grids from pure noise are not capped by sigma_max (the model is trained at every t).
@@ -312,6 +314,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(afs, bool) or (afs and not info.afs):
             raise ValueError(f"afs must be True or False, and True only for the solvers "
                              f"{[n for n, i in SOLVERS.items() if i.afs]}; got afs={afs!r} with solver {solver!r}")
+        if afs and s_churn > 0:
+            raise ValueError("afs=True and s_churn > 0 do not go together in EDMScheduler (the free first step has no "
+                             f"model call to add churn before); set s_churn=0 or afs=False, got s_churn={s_churn!r}")
         if final_step is not None and ("final_step" not in (info.plan.__kwdefaults__ or {})
                                        or final_step not in FINAL_STEPS):
             takers = [n for n, i in SOLVERS.items() if "final_step" in (i.plan.__kwdefaults__ or {})]
@@ -342,6 +347,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         hi = math.inf if self._from_noise else self.sigma_range[1]
         hi_scale = float(self._family.input_scale(torch.tensor(hi, dtype=torch.float64)))
         self._init_noise_sigma = initial_noise_std(hi, hi) * hi_scale
+        self._unit_noise_start = False  # a flow pipeline's N(0, I) stands in for pure noise (t = 1)
+        self._noised_start = False  # the start state came from add_noise / scale_noise (img2img)
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._warned_eta = False
@@ -403,8 +410,12 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     @property
     def init_noise_sigma(self) -> float:
         """Std of the pipeline's start noise, in the state's scale: the plan's start noise
-        (churn folded in) carried through any steps before the first model call (afs)."""
-        return self._init_noise_sigma
+        (churn folded in) carried through any steps before the first model call (afs).
+
+        Flow models: 1, as for every diffusers flow scheduler: SD3 / Flux pipelines hand over
+        N(0, I) unscaled, which is x_t at the first level, except where that level stands in for
+        pure noise (t = 1 on a grid that starts at sigma_max): there `step` scales it itself."""
+        return 1.0 if isinstance(self._family, FlowMatching) else self._init_noise_sigma
 
     @property
     def step_index(self) -> int | None:
@@ -582,6 +593,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             check_num_steps(num_inference_steps, "num_inference_steps")
         flow = isinstance(self._family, FlowMatching)
         mu = mu if flow and self.config.use_dynamic_shifting else None
+        # the pipeline's N(0, I) is pure noise (t = 1) on a grid of ours or on flow times from t = 1
+        pure_noise_start = flow and (num_inference_steps is not None
+                                     or (sigmas is not None and float(_as_grid(sigmas)[0]) >= 1.0))
         if flow and sigmas is not None:
             sigmas = self._flow_grid(_as_grid(sigmas), mu)
         elif timesteps is not None:
@@ -607,6 +621,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._network_timesteps([call.sigma for call in self._calls]).to(device)
         scales, _ = _prefix_scales(plan)
         self._init_noise_sigma = scales[-1] * self._calls[0].state_scale
+        self._unit_noise_start = pure_noise_start
+        self._noised_start = False
         self._step_index = None
         self._begin_index = None
         self._reset_state()
@@ -721,10 +737,20 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             check_generator(generator, sample.shape[0])
             self._start_run(index)
         call = self._run_calls[index - self._run_offset]
+        seen = None  # the input the model saw, where it is not the solver's state
         if self._states is None:
             prefix, skipped = _prefix_scales(self._run_plan)
-            state = sample.to(dtype)
-            z = state / (call.state_scale * prefix[-1])  # the start noise
+            start_scale = call.state_scale * prefix[-1]
+            if index == 0 and self._unit_noise_start and not self._noised_start:
+                # a flow pipeline's pure noise N(0, I) where the first call is at a finite sigma
+                # (a grid from sigma_max, or afs): the state is start_scale * z; D is the model's
+                # estimate for the input it saw (the inputs differ by 1 / sigma, D by O(1 / sigma^2))
+                seen = sample.to(dtype)
+                state = seen * start_scale
+                z = seen
+            else:
+                state = sample.to(dtype)
+                z = state / start_scale  # the start noise
             self._states = deque([z * c for c in prefix[:-1]] + [state], maxlen=self._run_plan.state_history)
             self._denoised = deque([None] * skipped, maxlen=self._run_plan.denoised_history)
         elif sample is not self._returned:  # the pipeline changed the state (inpainting): take it
@@ -733,7 +759,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         output = mean_output(model_output, sample)
         if output.dtype != dtype:
             output = output.to(dtype)
-        x_denoised = torch.mul(states[-1], call.denoised[0]).add_(output, alpha=call.denoised[1])
+        x_denoised = torch.mul(states[-1] if seen is None else seen, call.denoised[0]).add_(output, alpha=call.denoised[1])
         history.append(x_denoised)
         for terms, noise_std in call.updates:
             if not terms:
@@ -761,7 +787,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         """After the last call, one reduction and one host-device sync per generation: a warning
         if the samples hold NaN or inf (a model output went non-finite at some call; the core
         sampler, `samplers.sample`, checks every call and names the first)."""
-        if not bool(torch.isfinite(final.sum())):
+        if not bool(torch.isfinite(final).all()):
             warnings.warn(
                 "the samples are not finite (NaN or inf): the model returned non-finite values at some call; "
                 "samplers.sample(...) on the same model names the first one",
@@ -795,6 +821,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             std = torch.tensor(stds, dtype=dtype, device=original_samples.device).reshape(shape)
             scale = torch.tensor(scales, dtype=dtype, device=original_samples.device).reshape(shape)
         noisy = original_samples.to(dtype) * scale + noise.to(dtype) * std
+        self._noised_start = True
         return noisy.to(original_samples.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,17 +63,56 @@ def test_flow_family_turns_the_exact_velocity_into_the_exact_denoiser():
     torch.testing.assert_close(denoiser(x, sigma), ORACLE(x, sigma), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0), ("euler", 20.0)])
+class _FirstCallSeesUnitNoise(FlowDenoiser):
+    """A flow denoiser whose first call at a finite sigma sees what the model in an SD3 / Flux loop
+    sees when the grid starts at sigma_max: the pipeline's N(0, I) itself as x_t, i.e.
+    x_edm = (1 + sigma) n, where the sampler's state is x_edm = sigma n."""
+
+    def __init__(self, net=exact_velocity):
+        super().__init__(net)
+        self.calls = 0
+
+    def forward(self, x, sigma, **kwargs):
+        self.calls += 1
+        if self.calls == 1 and bool(torch.isfinite(sigma).all()):
+            x = x * ((1 + sigma) / sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return super().forward(x, sigma, **kwargs)
+
+
+@pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0), ("euler", 20.0), ("ipndm", 0.0)])
 def test_flow_scheduler_equals_core_sampler(solver, churn):
+    """The pipeline's unit noise is the start noise z: the state starts at sigma_max z (or at pure
+    noise for euler), D of the first call is the model's estimate for the input it saw."""
     scheduler = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver=solver, s_churn=churn,
                                          s_tmin=0.05, s_tmax=50.0)
     scheduler.set_timesteps(6)
+    assert scheduler.init_noise_sigma == 1.0
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     out, calls = _loop(scheduler, noise, generator=torch.Generator().manual_seed(3))
-    ref = samplers.sample(FlowDenoiser(exact_velocity), noise / scheduler.init_noise_sigma, scheduler.sigmas.double(),
-                          solver=solver, s_churn=churn, s_tmin=0.05, s_tmax=50.0, generator=torch.Generator().manual_seed(3))
+    ref = samplers.sample(_FirstCallSeesUnitNoise(), noise, scheduler.sigmas.double(), solver=solver,
+                          s_churn=churn, s_tmin=0.05, s_tmax=50.0, generator=torch.Generator().manual_seed(3))
     assert calls == ref.nfe == (11 if solver == "heun" else 6)
     torch.testing.assert_close(out, ref.sample.float(), rtol=1e-5, atol=1e-5)
+    plain = samplers.sample(FlowDenoiser(exact_velocity), noise, scheduler.sigmas.double(), solver=solver,
+                            s_churn=churn, s_tmin=0.05, s_tmax=50.0, generator=torch.Generator().manual_seed(3))
+    assert float((out - plain.sample.float()).abs().max()) < 3e-4  # the first D differs by O(1 / sigma_max^2)
+
+
+@pytest.mark.parametrize("options", [{}, {"solver": "ipndm", "afs": True}, {"solver": "unipc", "afs": True}])
+def test_flow_pipelines_unit_noise_is_pure_noise_for_every_start(options):
+    """SD3 / Flux pass N(0, I) without init_noise_sigma. Heun and iPNDM start at sigma_max = 80
+    and must read it as the noise at 80 (state 80 / 81 n, not 81 / 80 too wide); with afs the first
+    call is at sigma_1 (state sigma_1 / (1 + sigma_1) n). Gaussian data: the exact ODE maps the
+    start noise to samples of the data's std; 60 calls leave under 0.3%."""
+    oracle = GaussianOracle(torch.zeros(1, 16, 16, dtype=torch.float64), torch.full((1, 16, 16), 0.25, dtype=torch.float64))
+    scheduler = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, **options)
+    scheduler.set_timesteps(60)
+    noise = torch.randn(256, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(exact_velocity(x, t.expand(x.shape[0]), oracle), t, x, return_dict=False)[0]
+    exact = noise * 0.5 * 80 / math.sqrt(80**2 + 0.25)  # x*(0) = sqrt(lam) z sigma_max / sqrt(sigma_max^2 + lam)
+    assert float(x.std() / exact.std()) == pytest.approx(1.0, abs=0.004)  # unscaled reading: 1.0097, 1.018, 1.006
 
 
 def test_flow_grid_follows_the_models_shift():
@@ -86,7 +125,9 @@ def test_flow_grid_follows_the_models_shift():
     torch.testing.assert_close(scheduler.sigmas[:-1].double(), expected.float().double())
     assert scheduler.sigmas[0].item() == pytest.approx(80.0) and scheduler.sigmas[-1].item() == 0.0
     torch.testing.assert_close(scheduler.timesteps[::2].double(), (M * flow_time(expected)).float().double())
-    assert scheduler.init_noise_sigma == pytest.approx(80.0 / 81.0)  # pure noise at sigma_max, in the flow state's scale
+    # flow pipelines pass N(0, I) unscaled: init_noise_sigma is 1 and step scales a fresh start to
+    # the state at sigma_max (80 / 81 n), so the core sampler from the same noise is the reference
+    assert scheduler.init_noise_sigma == 1.0
 
     dynamic = EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
     with pytest.raises(ValueError, match="mu"):
@@ -175,11 +216,13 @@ def sd3_components(tmp_path_factory):
     return tiny_sd3_components(tmp_path_factory.mktemp("sd3"))
 
 
-def _sd3_denoiser(pipe, prompt: str, guidance_scale: float) -> FlowDenoiser:
+def _sd3_denoiser(pipe, prompt: str, guidance_scale: float, unit_noise_start: bool = False) -> FlowDenoiser:
+    """D of the pipeline's transformer with CFG; `unit_noise_start`: its first call sees the
+    pipeline's unit noise (`_FirstCallSeesUnitNoise`), as in the pipeline's own loop."""
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, None, None, do_classifier_free_guidance=True, max_sequence_length=8, device=torch.device("cpu"))
     net = _SD3CFGNet(pipe.transformer, torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]), guidance_scale)
-    return FlowDenoiser(net)
+    return _FirstCallSeesUnitNoise(net) if unit_noise_start else FlowDenoiser(net)
 
 
 def _pipeline_with_our_scheduler(pipeline_cls, components, **scheduler_kwargs):
@@ -201,7 +244,7 @@ def test_sd3_pipeline_equals_core_sampler(sd3_components):
     scheduler = pipe.scheduler
     assert scheduler.timesteps.max().item() < M  # the transformer's t * 1000
     with torch.no_grad():
-        ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0), noise / scheduler.init_noise_sigma,
+        ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0, unit_noise_start=True), noise,
                               scheduler.sigmas.double())
     assert counter.calls == ref.nfe == 5
     torch.testing.assert_close(latents, ref.sample, rtol=1e-4, atol=1e-4)
@@ -213,7 +256,7 @@ def test_sd3_pipeline_equals_core_sampler(sd3_components):
     torch.testing.assert_close(pipe.scheduler.sigmas[1].double(), torch.tensor(math.exp(0.6) * 3.0, dtype=torch.float64),
                                rtol=1e-6, atol=0)
     with torch.no_grad():
-        ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0), noise / pipe.scheduler.init_noise_sigma,
+        ref = samplers.sample(_sd3_denoiser(pipe, "a photo of a cat", 4.0, unit_noise_start=True), noise,
                               pipe.scheduler.sigmas.double())
     torch.testing.assert_close(custom, ref.sample, rtol=1e-4, atol=1e-4)
 

@@ -86,7 +86,7 @@ def test_afs_from_pure_noise_is_exact_for_data_at_zero():
     scheduler.set_timesteps(5)
     assert scheduler.sigmas[0].item() == math.inf and len(scheduler.timesteps) == 5
     noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    x = noise * scheduler.init_noise_sigma  # afs: the first call is at sigma_1, the state x_1 = sigma_1 n in x_t units
+    x = noise  # the SD3 loop's unit noise is pure noise: afs starts its state at x_t(sigma_1) = sigma_1 / (1 + sigma_1) n
     out, _ = _sd3_loop(scheduler, _point_velocity(torch.zeros(())), x)
     torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-6)
 
@@ -160,7 +160,7 @@ def test_default_flow_grid_from_pure_noise():
     for solver in ("heun", "ipndm", "ipndm_v", "deis"):
         finite = EDMScheduler.from_config(_flow_config(shift=shift), solver=solver)
         finite.set_timesteps(n)
-        assert finite.sigmas[0].item() == pytest.approx(80.0) and finite.init_noise_sigma == pytest.approx(80 / 81)
+        assert finite.sigmas[0].item() == pytest.approx(80.0) and finite.init_noise_sigma == 1.0
 
 
 def test_pipeline_grids_keep_t_1_as_pure_noise():

@@ -5,9 +5,10 @@ with UNet2DConditionModel, AutoencoderKL and CLIP text encoder), read the same i
 through a DataLoader, and use Adam and an EMA on the same accelerate `Accelerator`, in the same
 process. Blocks of steps of the two alternate so machine load hits both alike; the median
 per-step times are compared. The EDM step is `Trainer.train_step` with `--pretrained`
-(per-step seeding, log-normal sigma, the model's own preconditioning, EDM weighting, sigma
-buckets, the non-finite check, warm-up, EMA; latent: VAE encode + posterior sample, caption
-tokenization and encoding every step). The plain step is `finetune_common.plain_step_fn`.
+(per-step seeding; the default --pretrained recipe: the model's own timesteps and
+preconditioning, the balanced weighting interpolated per sample; sigma buckets, the non-finite
+check, warm-up, EMA; latent: VAE encode + posterior sample, caption tokenization and encoding
+every step). The plain step is `finetune_common.plain_step_fn`.
 
     python benchmarks/finetune_step_time.py                       # CPU
     python benchmarks/finetune_step_time.py --device cuda --batch-size 32 --size 64

@@ -88,14 +88,14 @@ def config_argv(config) -> list[str]:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     train_parser = parser._subparsers._group_actions[0].choices["train"]
-    defaults = type(config)()
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     argv = ["train"]
     for action in train_parser._actions:
         name = action.dest
         if not action.option_strings or not hasattr(config, name) or name not in {f.name for f in dataclasses.fields(config)}:
             continue
         value = getattr(config, name)
-        if value == getattr(defaults, name):
+        if name in defaults and value == defaults[name]:
             continue
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             argv.append(action.option_strings[0])

@@ -80,7 +80,7 @@ def epoch_permutation(num_items: int, seed: int, epoch: int, device: torch.devic
 
     Cached (and moved to ``device`` once per epoch), so a step costs no host-device copy.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(num_items, generator=generator).to(device or "cpu")
 
 

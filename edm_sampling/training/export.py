@@ -113,7 +113,7 @@ def _write_finetuned(trainer: Any, tmp: Path, choice: str) -> None:
             index = dict(folder.index, scheduler=[EDMScheduler.__module__, EDMScheduler.__name__])
             target.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True)
+            shutil.copytree(entry, target)  # links followed: a hub cache snapshot links into its blobs
         else:
             shutil.copy2(entry, target)
 

@@ -168,7 +168,7 @@ def per_sigma_loss(denoiser: Callable[..., torch.Tensor], batches: Iterable[Any]
                 noise = torch.randn(part.shape, generator=generator, device=y.device, dtype=y.dtype)
                 out = denoising_loss(denoiser, part, sigma, noise, torch.ones_like(sigma),
                                      {name: v[start:start + chunk] for name, v in model_kwargs.items()})
-                total[k] += out.loss.double().sum().cpu()
+                total[k] += float(out.loss.float().sum())  # float64 on the host: MPS has none
     finally:
         if module is not None:
             module.train(was_training)
@@ -288,13 +288,13 @@ class FamilyLoss(Loss):
         return self.weighting == "balanced" and self.balanced is None
 
     def calibrate(self, denoiser: Any, batches: Iterable[Any],
-                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BalancedWeight:
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> BalancedWeight:
         """Measure the balanced weighting's table: the loss of ``denoiser`` (as it is now) at
         ``CALIBRATION_LEVELS`` noise levels log-spaced over its range, on ``batches`` of
         training data; ``reduce`` averages the table over processes."""
         lo, hi = calibration_range(*self.sigma_range)
         levels = torch.exp(torch.linspace(math.log(lo), math.log(hi), CALIBRATION_LEVELS, dtype=torch.float64))
-        losses = per_sigma_loss(denoiser, batches, levels)
+        losses = per_sigma_loss(denoiser, batches, levels, seed=seed)
         if reduce is not None:
             losses = reduce(losses)
         self.balanced = BalancedWeight(levels, losses)

@@ -159,6 +159,18 @@ def build_unet(config: TrainConfig, channels: int, resolution: int | tuple[int, 
     )
 
 
+def _check_apart(pretrained: Path, output_dir: Path) -> None:
+    """`InvalidArgument` when the model to fine-tune and the run folder overlap: --overwrite and
+    the export replace a run folder's files, and the export copies the model's folder whole."""
+    model, run = pretrained.resolve(), output_dir.resolve()
+    if model == run or model.is_relative_to(run):
+        raise InvalidArgument("pretrained", f"{str(pretrained)!r} is inside --output-dir {str(output_dir)!r}, whose files "
+                              "this run replaces; copy the model out of it or pick another --output-dir")
+    if run.is_relative_to(model):
+        raise InvalidArgument("output_dir", f"{str(output_dir)!r} is inside --pretrained {str(pretrained)!r}, which the "
+                              "export copies whole; pick an --output-dir outside the model's folder")
+
+
 def step_seed(seed: int, step: int, process: int, round_: int) -> int:
     """A distinct 63-bit seed for each (seed, step, process, accumulation round)."""
     value = seed
@@ -297,6 +309,8 @@ class Trainer:
         self.accelerator = acc = Accelerator(mixed_precision=config.mixed_precision)
         if config.mixed_precision == "fp16" and acc.device.type != "cuda":
             self._refuse_fp16(acc.device.type)
+        if config.pretrained:
+            _check_apart(Path(config.pretrained), self.output_dir)
         self._open_folder()
         self.pretrained = None
         if config.pretrained:
@@ -379,9 +393,10 @@ class Trainer:
         if acc.is_main_process:
             print(self.found, flush=True)
         if self.loss_fn.needs_calibration:  # balanced weighting: the model's own loss per sigma, at step 0
+            reduce = None if acc.num_processes == 1 else (
+                lambda t: acc.reduce(t.float().to(acc.device), reduction="mean").cpu().double())
             self.loss_fn.calibrate(self.unwrapped, (self.prepare_batch(s, r) for s in itertools.count()
-                                                    for r in range(config.grad_accum)),
-                                   lambda t: acc.reduce(t.to(acc.device), reduction="mean").cpu())
+                                                    for r in range(config.grad_accum)), reduce, seed=config.seed)
 
     # ---- data ------------------------------------------------------------------------
     def _open_data(self, dataset: ImageDataset | None) -> None:

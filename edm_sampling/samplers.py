@@ -325,12 +325,9 @@ def sample(
         check_infinite_start(solver)
         check_infinite_sigma(denoiser)
     check_sigmas(sigmas, infinite_start=from_noise)
-    check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    check_churn(s_churn, s_tmin, s_tmax, s_noise, solver)
     check_kinds(afs=(afs, "bool"), check_finite=(check_finite, "bool"), progress=(progress, "bool"))
     _as_dict("model_kwargs", model_kwargs)
-    if s_churn > 0 and not info.churn:
-        raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVER_REGISTRY.items() if i.churn]} only; "
-                         f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
     check_generator(generator, latents.shape[0])
     _state_dtype(state_dtype, latents)
     round_sigma = round_sigma or getattr(denoiser, "round_sigma", None) or (lambda s: s)

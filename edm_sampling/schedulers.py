@@ -89,7 +89,6 @@ from .schedules import (
 from .solvers import (
     FINAL_STEPS,
     SOLVERS,
-    Combination,
     SolverPlan,
     Step,
     check_churn,
@@ -302,10 +301,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
         if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
             raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
-        check_churn(s_churn, s_tmin, self._s_tmax, s_noise)
-        if s_churn > 0 and not info.churn:
-            raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVERS.items() if i.churn]} only; "
-                             f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
+        check_churn(s_churn, s_tmin, self._s_tmax, s_noise, solver)
         if solver_order is not None and (info.orders is None or isinstance(solver_order, bool)
                                          or not isinstance(solver_order, int)
                                          or not info.orders[0] <= solver_order <= info.orders[1]):

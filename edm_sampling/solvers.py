@@ -70,8 +70,9 @@ def heun_step(x: Any, slope: Any, slope_next: Any, sigma: Any, sigma_next: Any, 
 # --- churn (Algorithm 2) ------------------------------------------------------------------------
 
 
-def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
-    """Raise a ValueError naming the parameter for churn settings outside their range."""
+def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float, solver: str | None = None) -> None:
+    """Raise a ValueError naming the parameter for churn settings outside their range, or for
+    s_churn > 0 with a ``solver`` that takes no churn."""
     check_kinds(s_churn=(s_churn, "real"), s_tmin=(s_tmin, "real"), s_tmax=(s_tmax, "real"), s_noise=(s_noise, "real"))
     if not (math.isfinite(s_churn) and s_churn >= 0):
         raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn!r}")
@@ -81,6 +82,9 @@ def check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) ->
         raise ValueError(f"s_tmax must be >= s_tmin={s_tmin!r}, got {s_tmax!r}")
     if not (math.isfinite(s_noise) and s_noise > 0):
         raise ValueError(f"s_noise must be a finite number > 0, got {s_noise!r}")
+    if solver is not None and s_churn > 0 and not solver_info(solver).churn:
+        raise ValueError(f"s_churn applies to the solvers {[n for n, i in SOLVERS.items() if i.churn]} only; "
+                         f"solver {solver!r} needs s_churn=0, got {s_churn!r}")
 
 
 def churn_gammas(

@@ -1,5 +1,5 @@
-"""Faults and what happens: each row of the "faults and what happens" table (README.md, or
-docs/faults.md until the README carries it) is a test here or in tests/test_faults_*.py (the
+"""Faults and what happens: each row of the "faults and what happens" table in README.md is a
+test here or in tests/test_faults_*.py (the
 commands: test_faults_runs.py; bad input: test_faults_inputs.py), and each test that starts
 from files a user had checks that they are byte-identical afterwards. Kills, signals and races
 of the safety layer run in their own processes (tests/fault_jobs.py)."""
@@ -570,8 +570,7 @@ def test_non_finite_weights_are_refused_naming_the_first_tensor():
 def test_faults_table_and_suite_agree():
     """Every row of the faults table names tests that exist, and every test of the fault suite
     (tests/test_faults*.py) is named in it."""
-    readme = (ROOT / "README.md").read_text()
-    text = readme if "faults and what happens" in readme.lower() else (ROOT / "docs" / "faults.md").read_text()
+    text = (ROOT / "README.md").read_text()
     section = text[text.lower().index("faults and what happens"):].splitlines()
     start = next(i for i, line in enumerate(section) if line.startswith("|"))
     table = []

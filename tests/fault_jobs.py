@@ -165,8 +165,25 @@ def stoppable_loop(folder: str, *argv: str) -> None:
                 stop.exit(f"checkpoint written at step {step}", resume_command(argv))
 
 
+def train_saying_steps(*argv: str) -> None:
+    """`edm-sampling train ARGV`, saying "logged N" each time the trainer records step N for its
+    log (written, or held until its first checkpoint), so the test can kill it past a step."""
+    from edm_sampling.cli import main
+    from edm_sampling.training.trainer import Trainer
+
+    real = Trainer._write_log
+
+    def write_log(self, record, start_step):
+        real(self, record, start_step)
+        say(f"logged {record['step']}")
+
+    Trainer._write_log = write_log
+    sys.exit(main(["train", *argv]))
+
+
 if __name__ == "__main__":
     jobs = {"hold": hold, "churn": churn, "checkpoint-mid-write": checkpoint_mid_write, "folder-swap": folder_swap,
             "efbig": big_checkpoint_over_file_size_limit, "loop": stoppable_loop,
-            "pause-after-replace": pause_after_replace, "double-signal": double_signal}
+            "pause-after-replace": pause_after_replace, "double-signal": double_signal,
+            "train-saying-steps": train_saying_steps}
     jobs[sys.argv[1]](*sys.argv[2:])

@@ -231,6 +231,30 @@ def test_overwrite_keeps_user_files_and_old_results_until_replaced(tmp_path):
     assert after["results.csv"] == b"new results\n"
 
 
+def test_resume_continues_the_run_that_wrote_the_checkpoint(tmp_path):
+    """An --overwrite run that wrote a file (a latent cache) and died before its first checkpoint
+    leaves the manifest naming it as the last run; resuming the checkpoint continues the run that
+    wrote the checkpoint, so committing keeps that run's files (its sample grids)."""
+    out = tmp_path / "run"
+    with RunFolder(out, "first") as run:
+        first = run.run_id
+        atomic_write_text(out / "checkpoint.safetensors", "step 4")
+        atomic_write_text(out / "samples" / "step-2.png", "grid at step 2")
+        run.commit()
+    with RunFolder(out, "second --overwrite") as run:  # writes its cache, then dies
+        second = run.run_id
+        atomic_write_text(out / "cache.npy", "the second run's cache")
+    assert json.loads((out / MANIFEST_NAME).read_text())["run"] == second != first
+    with RunFolder(out, "first --resume", resume="checkpoint.safetensors") as run:
+        assert run.run_id == first and run.writer("samples/step-2.png") == first
+        atomic_write_text(out / "checkpoint.safetensors", "step 6")
+        assert run.commit() == ["cache.npy"]
+    assert (out / "samples" / "step-2.png").read_text() == "grid at step 2"
+    (out / "checkpoint.safetensors").write_text("changed by hand")  # not the package's: the manifest's run goes on
+    with RunFolder(out, "resume", resume="checkpoint.safetensors") as run:
+        assert run.run_id == first
+
+
 def test_overwrite_refuses_to_replace_files_the_package_did_not_write(tmp_path):
     out = tmp_path / "run"
     with RunFolder(out, "first"):

@@ -199,6 +199,30 @@ def test_flags_are_named_as_typed(tmp_path, capsys):
         assert capsys.readouterr().err.startswith(start)
 
 
+def test_train_refuses_a_model_and_a_run_folder_inside_each_other(files, tmp_path, capsys):
+    """--pretrained inside --output-dir (the run replaces that folder's files) or the same folder,
+    and --output-dir inside --pretrained (the export copies the model's folder whole): one line
+    naming the flag, exit 2, before anything is written; the user's files byte-identical."""
+    runs = tmp_path / "runs"
+    shutil.copytree(files["ddpm"], runs / "model")
+    shutil.copytree(files["ddpm"], tmp_path / "model")
+    (runs / "notes.txt").write_text("my notes")
+    before = snapshot(tmp_path)
+    model, outside = str(runs / "model"), str(tmp_path / "model")
+    cases = [([model, str(runs)], f"--pretrained: {model!r} is inside --output-dir {str(runs)!r}"),
+             ([outside, outside], f"--pretrained: {outside!r} is inside --output-dir {outside!r}"),
+             ([outside, str(tmp_path / "model" / "run")],
+              f"--output-dir: {str(tmp_path / 'model' / 'run')!r} is inside --pretrained {outside!r}")]
+    for (pretrained, output_dir), named in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--pretrained", pretrained, "--output-dir", output_dir, "--data", files["flat"], "--overwrite",
+                  "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"edm-sampling train: error: {named}")
+        assert snapshot(tmp_path) == before
+
+
 # ---- Python: the public constructors name the parameter ---------------------------------------------
 
 TRAIN_CONFIG_BAD = {

@@ -46,10 +46,12 @@ def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if TEMP_PATTERN.match(p.name)]
 
 
-def train_job(*args: str) -> subprocess.Popen:
-    """`edm-sampling train ARGS` in its own process (this checkout's package)."""
+def train_job(*args: str, saying_steps: bool = False) -> subprocess.Popen:
+    """`edm-sampling train ARGS` in its own process (this checkout's package); ``saying_steps``:
+    printing "logged N" as it records step N (tests/fault_jobs.py)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "edm_sampling.cli", "train", *args], cwd=ROOT, env=env, text=True,
+    command = [str(ROOT / "tests" / "fault_jobs.py"), "train-saying-steps"] if saying_steps else ["-m", "edm_sampling.cli", "train"]
+    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -98,23 +100,26 @@ def log_steps(folder: Path) -> list[int]:
 
 def test_train_killed_before_its_first_checkpoint_keeps_the_old_run_and_says_what_it_found(tmp_path, capsys, caplog):
     """kill -9 before the first checkpoint, with --overwrite over a finished run (its files stay,
-    byte-identical: nothing is deleted at the start) and in a new folder (it wrote its log). The
-    next start takes over the dead job's lock, says once what it found, and the flags it asks for
-    work; the temporary file of an interrupted write is removed."""
+    byte-identical: nothing is deleted at the start, and the steps it logged wait for its first
+    checkpoint) and in a new folder (it wrote its log). The next start takes over the dead job's
+    lock, says once what it found, and the flags it asks for work: --resume continues the old run
+    (its log and sample grids kept, none of the killed run's records); the temporary file of an
+    interrupted write is removed."""
     old, new = tmp_path / "old", tmp_path / "new"
-    assert run_cli(["train", "--output-dir", str(old), *TINY, "--steps", "2", "--checkpoint-every", "1",
-                    "--num-samples", "4", "--sample-steps", "2"], capsys)[0] == 0
+    samples = ["--num-samples", "4", "--sample-steps", "2", "--log-every", "1", "--checkpoint-every", "1"]
+    assert run_cli(["train", "--output-dir", str(old), *TINY, "--steps", "2", *samples], capsys)[0] == 0
     (old / "notes.txt").write_text("my notes")
     before = snapshot(old)
     assert {CHECKPOINT_NAME, previous_checkpoint_path(CHECKPOINT_NAME).name, "pipeline/model_index.json",
-            "samples/step-0000001.png", "log.jsonl"} <= set(before)
-    overwrite = train_job("--output-dir", str(old), *LONG, "--log-every", "100000", "--overwrite")
+            "samples/step-0000001.png", "log.jsonl"} <= set(before) and log_steps(old) == [1, 2]
+    overwrite = train_job("--output-dir", str(old), *LONG, "--log-every", "1", "--overwrite", "--seed", "7",
+                          saying_steps=True)
     fresh = train_job("--output-dir", str(new), *LONG, "--log-every", "1")
     said = first_line(overwrite, "--overwrite: ")
     assert said == (f"--overwrite: starting a new run in {old}; the checkpoint at step 2 stays until this run's "
                     "first checkpoint replaces it")
+    first_line(overwrite, "logged 3")  # it has trained and logged 3 steps
     wait_until(lambda: (new / "log.jsonl").is_file(), fresh, "the new run's first log line")
-    time.sleep(1.0)  # both are training now
     for job in (overwrite, fresh):
         job.kill()
         job.communicate()
@@ -128,11 +133,14 @@ def test_train_killed_before_its_first_checkpoint_keeps_the_old_run_and_says_wha
     assert error_line(err) == (f"edm-sampling train: error: --output-dir: {str(old)!r} holds a run with a checkpoint at "
                                "step 2; pass --resume to continue it, or --overwrite to start over (its files stay until "
                                "the new run replaces them)")
-    code, out, _ = run_cli(["train", "--output-dir", str(old), *TINY, "--steps", "3", "--num-samples", "0", "--resume"],
-                           capsys)
-    assert code == 0 and f"found a checkpoint at step 2 in {old}: resuming to step 3" in out
-    assert verify_checkpoint(old / CHECKPOINT_NAME)["step"] == 3 and (old / "notes.txt").read_text() == "my notes"
+    code, out, _ = run_cli(["train", "--output-dir", str(old), *TINY, "--steps", "4", *samples, "--resume"], capsys)
+    assert code == 0 and f"found a checkpoint at step 2 in {old}: resuming to step 4" in out
+    assert verify_checkpoint(old / CHECKPOINT_NAME)["step"] == 4 and (old / "notes.txt").read_text() == "my notes"
     assert not leftovers(old) and not lock_path(old).exists()
+    log = (old / "log.jsonl").read_bytes().splitlines(keepends=True)
+    assert log_steps(old) == [1, 2, 3, 4] and b"".join(log[:2]) == before["log.jsonl"]  # the old run's, continued
+    assert (old / "samples/step-0000001.png").read_bytes() == before["samples/step-0000001.png"]
+    assert (old / "samples/step-0000003.png").is_file() and (old / "samples.png").read_bytes() != before["samples.png"]
 
     code, _, err = run_cli(["train", "--output-dir", str(new), *TINY, "--steps", "2", "--resume"], capsys)
     assert code == 2 and error_line(err) == (
@@ -183,6 +191,52 @@ def test_train_sigint_or_sigterm_saves_and_prints_the_resume_command_and_a_secon
         assert code == 0 and f"found a checkpoint at step {step} in {out}: resuming to step {step + 2}" in printed
         assert log_steps(out) == list(range(1, step + 3))
         assert (out / "notes.txt").read_text() == "mine" and not lock_path(out).exists()
+
+
+def test_train_in_a_folder_whose_parent_is_read_only_locks_inside_it(tmp_path, capsys, monkeypatch):
+    """A run folder whose parent the user may not write (a Docker volume mounted at /output, a
+    non-root user): the lock goes inside the folder, a second job is refused by it, the run
+    works and leaves nothing in the parent. A folder that cannot hold its lock (not created yet
+    under that parent) is one line naming --output-dir and why, with nothing written."""
+    from edm_sampling.safety import FolderLock
+
+    volume = tmp_path / "volume"
+    out = volume / "out"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    real_access, real_open = os.access, os.open
+
+    def access(path, mode, **kwargs):  # what the kernel answers a non-root user (root ignores chmod)
+        return not (mode & os.W_OK and Path(path) == volume.resolve()) and real_access(path, mode, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(path).resolve().parent == volume.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "open", open_)
+    volume.chmod(0o555)
+    try:
+        assert lock_path(out) == out / ".out.edm-lock"
+        args = ["train", "--output-dir", str(out), *TINY, "--steps", "1", "--num-samples", "0", "--no-export"]
+        with FolderLock(out, "the other job"):
+            code, _, err = run_cli([*args, "--overwrite"], capsys)
+        assert code == 2 and "is in use by another edm_sampling job" in err and "the other job" in err
+        code, _, err = run_cli([*args, "--overwrite"], capsys)
+        assert code == 0, err
+        assert verify_checkpoint(out / CHECKPOINT_NAME)["step"] == 1 and (out / "notes.txt").read_text() == "mine"
+        assert sorted(os.listdir(volume)) == ["out"] and not lock_path(out).exists()
+
+        new = volume / "new"
+        code, _, err = run_cli(["train", "--output-dir", str(new), *TINY, "--steps", "1"], capsys)
+        assert code == 2 and error_line(err) == (
+            f"edm-sampling train: error: --output-dir: {str(new)!r}: cannot create its lock {volume / '.new.edm-lock'} "
+            "(Permission denied); a run folder needs a writable parent folder for its lock, or must exist and be "
+            "writable itself (its lock then goes inside it)")
+        assert sorted(os.listdir(volume)) == ["out"]
+    finally:
+        volume.chmod(0o755)
 
 
 def test_train_overwrite_refuses_a_users_file_inside_pipeline_and_exports_with_the_users_umask(tmp_path, capsys):

@@ -4,6 +4,7 @@ StableDiffusionPipeline, saved to disk, fine-tuned from an image folder with cap
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -172,6 +173,62 @@ def test_finetune_ddpm_export_original_scheduler_non_square(models, tmp_path):
     assert images.shape == (1, 8, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()  # the trained size
 
 
+def _hub_snapshot(pipeline: Path, repo: Path) -> Path:
+    """``pipeline`` laid out as a Hugging Face hub cache: snapshots/REV/... are relative links
+    into blobs/SHA256, as `huggingface_hub` writes them."""
+    import hashlib
+    import os
+
+    snapshot = repo / "snapshots" / "0123abc"
+    shutil.copytree(pipeline, snapshot)
+    (repo / "blobs").mkdir()
+    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        file.replace(blob)
+        file.symlink_to(os.path.relpath(blob, file.parent))
+    return snapshot
+
+
+def test_finetune_a_hub_cache_snapshot_exports_real_files(models, tmp_path):
+    """--pretrained a hub cache snapshot (every file a relative link into ../../blobs): the export
+    holds real files, byte-identical to the model's own, and loads (a copied link would dangle)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    snapshot = _hub_snapshot(models["sd"], tmp_path / "hub" / "models--me--tiny-sd")
+    result = Trainer(_config(models, tmp_path, pretrained=str(snapshot), steps=1, batch_size=2, resolution=16,
+                             export=True, export_scheduler="original")).run()
+    exported = Path(result.pipeline_dir)
+    original = _files(models["sd"])
+    copied = [k for k in original if not k.startswith("unet/")]
+    assert {"model_index.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"} <= set(copied)
+    for name in copied:
+        assert not (exported / name).is_symlink() and (exported / name).read_bytes() == original[name], name
+    assert not any(p.is_symlink() for p in exported.rglob("*"))
+    pipe = DiffusionPipeline.from_pretrained(exported)
+    assert type(pipe) is StableDiffusionPipeline
+    ema = load_checkpoint(Path(result.output_dir) / CHECKPOINT_NAME)["ema"]
+    assert all(torch.equal(value, ema["net.unet." + key]) for key, value in pipe.unet.state_dict().items())
+
+
+def test_resume_command_of_a_python_finetune(models, tmp_path):
+    """The resume command printed for a fine-tune started from Python has the flags of its config
+    and no others (no '--loss None': None is --loss's default); parsed by the CLI, it gives the
+    same config with --resume."""
+    import dataclasses
+
+    from edm_sampling.cli import build_parser
+    from edm_sampling.safety import resume_command
+    from edm_sampling.training.command import config_argv
+
+    config = TrainConfig(pretrained=str(models["ddpm"]), data=str(models["data"]), output_dir=str(tmp_path / "ft"))
+    argv = config_argv(config)
+    assert argv == ["train", "--output-dir", config.output_dir, "--data", config.data, "--pretrained", config.pretrained]
+    args = build_parser().parse_args(shlex.split(resume_command(argv))[1:])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}) == dataclasses.replace(config, resume=True)
+
+
 def test_scratch_ddpm_recipe_then_finetune_it(tmp_path):
     """`--loss ddpm` from scratch makes an epsilon DDPMPipeline; `--pretrained` fine-tunes it
     with the fine-tuning recipe (its own timesteps, balanced weighting) unless --loss is given."""
@@ -221,7 +278,13 @@ def test_latent_resume_is_bit_exact(models, tmp_path, cache):
     assert resumed.images_seen == 16
 
 
-def test_cached_latents_equal_per_batch_encoding(models, tmp_path):
+def test_cached_latents_equal_per_batch_encoding(models, tmp_path, monkeypatch):
+    """The cache holds what per-batch encoding gives; a valid cache is reused, and one built with
+    the VAE in another dtype (bf16 on a GPU) is not: the key holds the VAE's dtype."""
+    import numpy as np
+
+    import edm_sampling.training.trainer as trainer_module
+
     common = dict(batch_size=4, random_flip=True)
     plain = Trainer(_config(models, tmp_path, "sd", "plain", **common)).prepare_batch(1, 0)
     cached_trainer = Trainer(_config(models, tmp_path, "sd", "cached", cache_latents=True, **common))
@@ -232,8 +295,20 @@ def test_cached_latents_equal_per_batch_encoding(models, tmp_path):
     assert (tmp_path / "cached" / "latent_cache" / "moments.npy").is_file()
     cache_file = tmp_path / "cached" / "latent_cache" / "moments.npy"
     stamp = cache_file.stat().st_mtime_ns
-    Trainer(_config(models, tmp_path, "sd", "cached", cache_latents=True, resume=False, overwrite=True, **common))
+    again = dict(cache_latents=True, resume=False, overwrite=True, **common)
+    Trainer(_config(models, tmp_path, "sd", "cached", **again)).close()
     assert cache_file.stat().st_mtime_ns == stamp  # a valid cache is reused
+    float32 = np.load(cache_file)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "frozen_dtype", lambda device, mixed_precision: torch.bfloat16)  # as on a GPU
+        half = Trainer(_config(models, tmp_path, "sd", "cached", **again))
+        half.close()
+    assert half.codec.vae.dtype == torch.bfloat16 and cache_file.stat().st_mtime_ns != stamp
+    bfloat16 = np.load(cache_file)
+    assert not np.array_equal(bfloat16, float32)  # encoded in bf16
+    Trainer(_config(models, tmp_path, "sd", "cached", **again)).close()  # float32 again: not the bf16 cache
+    assert np.array_equal(np.load(cache_file), float32)
 
 
 def test_dataloader_workers_give_the_same_batches(models, tmp_path):

@@ -157,6 +157,25 @@ def test_cli_train_export_and_resume(tmp_path, capsys):
     torch.testing.assert_close(images, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_cli_trains_with_seeds_up_to_the_largest(tmp_path):
+    """Every --seed in its range (up to 2^63 - 1) gives a data order and trains: each epoch of
+    the global batches is a permutation of the data, and a different one per seed."""
+    from edm_sampling.cli import main
+    from edm_sampling.training.checkpoint import verify_checkpoint
+    from edm_sampling.training.data import batch_indices
+
+    orders = []
+    for seed in (100_000_000_000_000, 2**63 - 1):
+        out = tmp_path / str(seed)
+        assert main(["train", "--output-dir", str(out), "--resolution", "8", "--channels", "8,16", "--steps", "1",
+                     "--batch-size", "8", "--num-samples", "0", "--no-export", "--no-progress", "--seed", str(seed)]) == 0
+        assert verify_checkpoint(out / CHECKPOINT_NAME)["config"]["seed"] == seed
+        epoch = torch.cat([batch_indices(12, seed, step, 4) for step in range(3)])
+        assert sorted(epoch.tolist()) == list(range(12))
+        orders.append(epoch)
+    assert not torch.equal(*orders)
+
+
 def test_exported_folder_loads_with_diffusion_pipeline(tmp_path, digits8):
     import diffusers
     import edm_sampling.pipelines  # noqa: F401

@@ -428,7 +428,7 @@ def open_output_folder(config: SweepConfig, outputs: Sequence[str]):
     from ..safety import RunFolder
     from .report import check_output_dir
 
-    folder = RunFolder(config.output).__enter__()
+    folder = RunFolder(config.output, parameter="output").__enter__()
     try:
         check_output_dir(config.output, config.overwrite)
         folder.check_replaceable(folder.root / name for name in outputs)

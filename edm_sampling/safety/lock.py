@@ -1,7 +1,11 @@
 """One job per run folder: a lock file beside the folder, held with ``fcntl.flock``.
 
 The lock of ``runs/exp`` is ``runs/.exp.edm-lock``: beside the folder, not inside, so it can
-be taken before the folder exists and survives the folder's contents being swapped. The
+be taken before the folder exists and survives the folder's contents being swapped. Where the
+folder exists and its parent is not writable (a volume mounted at ``/output`` in a container
+whose user may write only inside it), the lock is ``runs/exp/.exp.edm-lock``, inside it (the
+manifest and the output checks skip it); a folder that cannot hold its lock either way is
+refused as bad input naming the folder's parameter. The
 holder keeps an exclusive flock on it for as long as it runs, and writes who it is into it
 (pid, host, start time, command). The kernel drops a flock when its process dies, however
 it dies, so a second job finds one of three things:
@@ -22,6 +26,7 @@ tries again. Where ``fcntl`` does not exist (Windows) folders are not locked (a 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -31,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import FolderLockedError
+from .inputs import InvalidArgument
 
 try:
     import fcntl
@@ -42,9 +48,11 @@ LOCK_SUFFIX = ".edm-lock"
 
 
 def lock_path(folder: str | os.PathLike) -> Path:
-    """Where the lock of ``folder`` lives: ``.NAME.edm-lock`` beside it."""
+    """Where the lock of ``folder`` lives: ``.NAME.edm-lock`` beside it, or inside it when the
+    folder exists and its parent is not writable."""
     folder = Path(folder).resolve()
-    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+    beside = not folder.is_dir() or os.access(folder.parent, os.W_OK | os.X_OK)
+    return (folder.parent if beside else folder) / f".{folder.name}{LOCK_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -117,8 +125,11 @@ def _make_dirs(folder: Path) -> list[Path]:
 class FolderLock:
     """Exclusive use of a run folder by one job; a context manager (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, command: str | None = None):
+    def __init__(self, folder: str | os.PathLike, command: str | None = None, parameter: str = "output_dir"):
+        """``parameter``: the name under which a folder that cannot hold its lock is refused
+        (`InvalidArgument`)."""
         self.folder = Path(folder)
+        self.parameter = parameter
         self.path = lock_path(folder)
         self.holder = LockHolder.current(command)
         self._fd: int | None = None
@@ -135,9 +146,16 @@ class FolderLock:
             return self
         if self.held:
             raise RuntimeError(f"{self.path} is already held by this FolderLock")
-        self._created = _make_dirs(self.path.parent)
         try:
+            self._created = _make_dirs(self.path.parent)
             self._fd = self._take()
+        except OSError as error:
+            self._remove_created()
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise InvalidArgument(self.parameter, f"{str(self.folder)!r}: cannot create its lock {self.path} "
+                                  f"({error.strerror or error}); a run folder needs a writable parent folder for its "
+                                  "lock, or must exist and be writable itself (its lock then goes inside it)") from None
         except BaseException:
             self._remove_created()
             raise

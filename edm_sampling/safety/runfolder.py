@@ -7,7 +7,9 @@ and the rules of ``--overwrite`` / ``--resume``.
 
 A fresh run and ``--overwrite`` open it alike (whether a non-empty folder may be reused is the
 command's check, made with the lock held); ``resume=True`` continues the run recorded in the
-manifest, so `commit` keeps what the earlier jobs of that run wrote.
+manifest, and ``resume=NAME`` the run that wrote the file NAME (the checkpoint being resumed: an
+``--overwrite`` run killed before its first checkpoint leaves the old run's checkpoint, and
+resuming it continues the old run), so `commit` keeps what the earlier jobs of that run wrote.
 
 On entering, under the folder's `FolderLock`, the temporaries of interrupted writes are
 removed (`clean_temp_files`) and the declared ``outputs`` (files, or folders replaced as a
@@ -125,14 +127,18 @@ class RunFolder:
         path: str | os.PathLike,
         command: str | None = None,
         *,
-        resume: bool = False,
+        resume: bool | str = False,
         outputs: Iterable[str] = (),
+        parameter: str = "output_dir",
     ):
+        """``resume``: False for a new run; True to continue the manifest's run; a file name (inside
+        the folder) to continue the run that wrote that file, or the manifest's run if it changed
+        since. ``parameter``: the name under which a folder that cannot be locked is refused."""
         self.path = Path(path)
         self.root = self.path.resolve()
         self.resume = resume
         self.outputs = tuple(outputs)
-        self.lock = FolderLock(self.path, command)
+        self.lock = FolderLock(self.path, command, parameter)
         self.cleaned: list[str] = []
         self.run_id = ""
         self._files: dict[str, dict] = {}
@@ -152,6 +158,8 @@ class RunFolder:
             if self.root.is_dir():
                 self.cleaned = clean_temp_files(self.root)
             run = self._load()
+            if isinstance(self.resume, str):
+                run = self.writer(self.resume) or run
             self.run_id = run if self.resume and run else _new_run_id()
             self.check_replaceable(self.root / name for name in self.outputs)
             observe(self)
@@ -201,11 +209,20 @@ class RunFolder:
     def _rel(self, path: Path) -> str:
         return path.resolve().relative_to(self.root).as_posix()
 
-    def owned(self, path: str | os.PathLike) -> bool:
-        """Whether the package wrote ``path`` (inside the folder) and it is unchanged since."""
+    def _record(self, path: str | os.PathLike) -> dict | None:
+        """The manifest's record of ``path`` (inside the folder) if the package wrote it and it is unchanged."""
         path = self.root / path
         record = self._files.get(self._rel(path))
-        return record is not None and record_matches(record, path)
+        return record if record is not None and record_matches(record, path) else None
+
+    def owned(self, path: str | os.PathLike) -> bool:
+        """Whether the package wrote ``path`` (inside the folder) and it is unchanged since."""
+        return self._record(path) is not None
+
+    def writer(self, path: str | os.PathLike) -> str | None:
+        """The run that wrote ``path`` (inside the folder), if the package wrote it and it is unchanged."""
+        record = self._record(path)
+        return record.get("run") if record is not None else None
 
     def own_files(self) -> list[str]:
         """Files in the folder that the package wrote and nobody changed since."""

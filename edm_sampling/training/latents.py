@@ -8,7 +8,8 @@ Both stay frozen: eval mode, no gradients, optionally in half precision on a GPU
   ``latent_dist.sample() * scaling_factor``, but reproducible), and back for sample grids.
 - :class:`LatentCache`: ``--cache-latents``: the moments of every image (and of its mirror
   image when random flips are on) computed once into one .npy file in the run folder,
-  memory-mapped while training, rebuilt only when the model, data or resolution change.
+  memory-mapped while training, rebuilt only when the model, its dtype, the data or the resolution
+  change.
 - :class:`TextConditioner`: captions -> ``encoder_hidden_states`` with the pipeline's own
   tokenizer and text encoder (padded to the tokenizer's ``model_max_length``, as
   StableDiffusionPipeline encodes prompts).

@@ -27,7 +27,9 @@ The run folder is held from the start (`safety.RunFolder`, main process: one job
 manifest of what the package wrote, every output known up front so a user's file there is refused
 before any work); what it holds is said once ("found a checkpoint at step N: resuming", "starting
 a new run"). ``--overwrite`` deletes nothing at the start: the new run's files replace the old ones
-as they are written, and the old ones it did not write again go when it finishes. SIGINT / SIGTERM
+as they are written (its log records wait in memory until its first checkpoint replaces the old
+one, so a run killed before leaves the old run whole, and ``--resume`` continues the run that
+wrote the checkpoint), and the old ones it did not write again go when it finishes. SIGINT / SIGTERM
 finish the step, save, print the command that resumes and exit 130 / 143; NaN / inf EMA weights
 are never exported.
 """
@@ -159,6 +161,14 @@ def build_unet(config: TrainConfig, channels: int, resolution: int | tuple[int, 
     )
 
 
+def frozen_dtype(device_type: str, mixed_precision: str) -> torch.dtype | None:
+    """The dtype of the frozen VAE and text encoder: half precision on a GPU with mixed precision
+    (fp16 or bf16 as asked), None (as loaded: float32) otherwise."""
+    if device_type != "cuda" or mixed_precision == "no":
+        return None
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
 def _check_apart(pretrained: Path, output_dir: Path) -> None:
     """`InvalidArgument` when the model to fine-tune and the run folder overlap: --overwrite and
     the export replace a run folder's files, and the export copies the model's folder whole."""
@@ -250,7 +260,8 @@ class Trainer:
         if acc.is_main_process:
             try:
                 output_folder("output_dir", self.config.output_dir)
-                self.folder = RunFolder(self.output_dir, self._command_line(), resume=self.config.resume).__enter__()
+                resume = CHECKPOINT_NAME if self.config.resume else False  # the run that wrote it goes on
+                self.folder = RunFolder(self.output_dir, self._command_line(), resume=resume).__enter__()
                 found = check_output_dir(self.config, self.folder)
                 verified = (CHECKPOINT_NAME,) if self.config.resume else ()  # by its checksum, when it loads
                 self.folder.check_replaceable(self.folder.root / name for name in run_outputs(self.config)
@@ -332,10 +343,7 @@ class Trainer:
         self.micro_batch = config.batch_size // (processes * config.grad_accum)
         self.augment = GeometricAugment(p=config.augment_p) if config.augment_p > 0 else None
         augment_dim = AUGMENT_DIM if self.augment else 0
-        frozen_dtype = None
-        if acc.device.type == "cuda" and config.mixed_precision != "no":
-            frozen_dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
-
+        frozen = frozen_dtype(acc.device.type, config.mixed_precision)
         self.codec = self.text = None
         if self.pretrained is not None:
             from .latents import LatentCodec, TextConditioner
@@ -344,10 +352,10 @@ class Trainer:
             unet = load_unet(self.pretrained)
             denoiser = pretrained_denoiser(self.pretrained, unet, augment_dim)
             if self.latent:
-                self.codec = LatentCodec(load_component(self.pretrained, "vae"), acc.device, frozen_dtype)
+                self.codec = LatentCodec(load_component(self.pretrained, "vae"), acc.device, frozen)
             if self.text_conditioned:
                 self.text = TextConditioner(load_component(self.pretrained, "tokenizer"),
-                                            load_component(self.pretrained, "text_encoder"), acc.device, frozen_dtype)
+                                            load_component(self.pretrained, "text_encoder"), acc.device, frozen)
             self.family = self.pretrained.family
         else:
             torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
@@ -388,7 +396,9 @@ class Trainer:
             if acc.is_main_process:
                 self.folder.keep([CHECKPOINT_NAME])
             self.found = f"found a checkpoint at step {self.step} in {self.output_dir}: resuming to step {config.steps}"
-        self._log_lines: list[str] | None = None  # log.jsonl as this job rewrites it (None: not yet written)
+        self._log_lines: list[str] | None = None  # log.jsonl as this job rewrites it (None: no record yet)
+        self._log_written: int | None = None  # how many of them the file holds (None: not rewritten yet)
+        self._log_held = not config.resume and (self.output_dir / CHECKPOINT_NAME).is_file()  # see _write_log
         self.cache = self._latent_cache() if config.cache_latents and self.latent else None
         if acc.is_main_process:
             print(self.found, flush=True)
@@ -465,7 +475,8 @@ class Trainer:
             items = getattr(self.streamed.source.data, "_fingerprint", None)
         key = {"pretrained": str(Path(cfg.pretrained).resolve()), "vae": self.pretrained.component("vae"),
                "vae_config": (self.pretrained.root / "vae" / "config.json").read_text(),
-               "resolution": list(self.image_shape[1:]), "flip": cfg.random_flip, "items": items}
+               "vae_dtype": str(self.codec.vae.dtype), "resolution": list(self.image_shape[1:]), "flip": cfg.random_flip,
+               "items": items}
         cache = LatentCache(self.output_dir / CACHE_DIR, key)
         if acc.is_main_process and cache.valid():
             self.folder.keep(f"{CACHE_DIR}/{name}" for name in CACHE_FILES)  # reused: this run's too
@@ -611,6 +622,9 @@ class Trainer:
                 rng=rng,
                 state=self.state(),
             )
+            if self._log_held:  # the old run's checkpoint is replaced: its log goes too
+                self._log_held = False
+                self._flush_log()
         self.accelerator.wait_for_everyone()
         return path
 
@@ -738,17 +752,35 @@ class Trainer:
         return command
 
     def _write_log(self, record: dict[str, Any], start_step: int) -> None:
-        """Append ``record`` to log.jsonl atomically. The first write of a job drops what a fresh
-        run must not keep (all of it) or a resumed one must not repeat (records past its checkpoint)."""
-        path = self.output_dir / LOG_NAME
-        line = json.dumps(record) + "\n"
+        """Add ``record`` to log.jsonl (main process). The job's first record starts from what a
+        fresh run keeps (nothing) or a resumed one (`_earlier_log_lines`). An ``--overwrite`` run
+        over a checkpoint keeps its records in memory until its first checkpoint replaces that one
+        (`save`): killed before, it leaves the old run's log as it was, for ``--resume``."""
         if self._log_lines is None:
-            earlier = path.read_text().splitlines(keepends=True) if self.config.resume and path.is_file() else []
-            self._log_lines = [old for old in earlier if _log_step(old) <= start_step]
-            atomic_write_text(path, "".join(self._log_lines) + line)
-        else:
-            append_text(path, line)
-        self._log_lines.append(line)
+            self._log_lines = self._earlier_log_lines(start_step)
+        self._log_lines.append(json.dumps(record) + "\n")
+        if not self._log_held:
+            self._flush_log()
+
+    def _earlier_log_lines(self, start_step: int) -> list[str]:
+        """What a resumed job keeps of log.jsonl: the records up to its checkpoint, if the run it
+        continues wrote them (none of another run's, none past the checkpoint, which it repeats)."""
+        path = self.output_dir / LOG_NAME
+        if not (self.config.resume and path.is_file() and self.folder.writer(LOG_NAME) == self.folder.run_id):
+            return []
+        return [line for line in path.read_text().splitlines(keepends=True) if _log_step(line) <= start_step]
+
+    def _flush_log(self) -> None:
+        """Write the records log.jsonl lacks: the job's first write replaces the file whole, the
+        later ones append (both atomic)."""
+        path = self.output_dir / LOG_NAME
+        if self._log_lines is None:
+            return
+        if self._log_written is None:
+            atomic_write_text(path, "".join(self._log_lines))
+        elif len(self._log_lines) > self._log_written:
+            append_text(path, "".join(self._log_lines[self._log_written:]))
+        self._log_written = len(self._log_lines)
 
     def check_finite_ema(self, outcome: str) -> None:
         """`NonFiniteWeightsError` if the EMA weights hold NaN or inf (the run diverged), saying

@@ -92,10 +92,11 @@ def _free_port() -> int:
 
 
 def test_one_and_two_processes_give_the_same_results(tmp_path):
-    args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
+    # one batch would hold every sample (as with the defaults, 256 and 256): each process still gets half
+    args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "6",
             "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"]
     single = run_sweep(SweepConfig(model="gaussian", samplers=["edm-heun-churn", "edm-heun", "ddim"], nfe=[5], num_samples=6,
-                                   batch_size=2, progress=False, stats_cache=str(tmp_path / "cache")))
+                                   batch_size=3, progress=False, stats_cache=str(tmp_path / "cache")))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "edm_sampling.cli", "bench", "--output", str(tmp_path / "two"), *args]
@@ -103,7 +104,7 @@ def test_one_and_two_processes_give_the_same_results(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(2 process(es))" in done.stdout
     two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["meta"]["num_processes"] == 2
+    assert two["meta"]["num_processes"] == 2 and two["meta"]["samples_per_process"] == [3, 3]
     expected = [(s, n, None if np.isnan(a) else a, None if np.isnan(b) else b, f) for s, n, a, b, f in _rows_key(single["rows"])]
     assert _rows_key(two["rows"]) == expected
     assert np.isnan(single["rows"][0]["error_mean"]) and np.isfinite(single["rows"][0]["fd"])  # churn: no ODE reference

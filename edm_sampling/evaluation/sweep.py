@@ -23,7 +23,8 @@
    many true data draws (mean +- std over a few draws), the score of a perfect sampler.
 4. Wall time per sample and the model calls actually made.
 
-Seeds are split into fixed chunks of `batch_size`; chunk k runs on process k mod P. Every
+Seeds are split into fixed chunks of `batch_size` (at most num_samples / P, so that every
+process gets work); chunk k runs on process k mod P. Every
 sample draws its noise from its own generator seeded with its seed, so the numbers do not
 depend on the number of processes (`accelerate launch --num_processes P`).
 """
@@ -177,9 +178,12 @@ def check_reference(reference: Any) -> None:
             raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
 
 
-def _chunks(num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
+def _chunks(num_samples: int, batch_size: int, seed: int, world: int = 1) -> list[list[int]]:
+    """The seeds in chunks of at most `batch_size`, and of at most ceil(num_samples / world) so
+    that each of `world` processes gets work (chunk k runs on process k mod world)."""
+    size = min(batch_size, -(-num_samples // world))
     seeds = list(range(seed, seed + num_samples))
-    return [seeds[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    return [seeds[i : i + size] for i in range(0, num_samples, size)]
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -459,7 +463,7 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
         names = [s.name for s in specs if s.runner == "scheduler"]
         raise InvalidArgument("samplers", f"{names} need a discrete VP (DDPM-family) model; {config.model} is not one")
 
-    chunks = _chunks(config.num_samples, config.batch_size, config.seed)
+    chunks = _chunks(config.num_samples, config.batch_size, config.seed, world)
     mine = [k for k in range(len(chunks)) if k % world == rank]
     inputs = agree(gather, lambda: _read_inputs(config, model, features, device, dtype) if rank == 0 else None)
     fd_available = config.reference is not None or model.reference_images is not None
@@ -501,12 +505,13 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
                     if reference_modes is not None:
                         mismatch = (_modes(model, out.sample) != reference_modes).numpy()
                 records.append({"sampler": spec.name, "nfe_target": nfe, "chunk": k, "steps": out.steps, "nfe": out.nfe,
-                                "seconds": out.seconds, "errors": errors, "mismatch": mismatch,
+                                "seconds": out.seconds, "start_sigma": out.start_sigma, "errors": errors, "mismatch": mismatch,
                                 "sample": out.sample.detach().float().cpu()})
                 bar.update(len(seeds))
     bar.close()
     records = gather(records)
     checks = gather([ref_check])
+    per_process = gather([my_samples])
     if rank != 0:
         barrier()
         return {}
@@ -517,6 +522,7 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
     result["meta"]["sampler_set"] = sampler_set_line(config.samplers, [s.name for s in specs], added, config.schedule_file)
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
+    result["meta"]["samples_per_process"] = per_process
     if config.output is not None:
         write_outputs(config, result, model)
     barrier()
@@ -536,6 +542,8 @@ def _read_inputs(config: SweepConfig, model, features, device, dtype) -> dict[st
 
 
 def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -> dict[str, Any]:
+    from .report import starts_from_prior
+
     by_run: dict[tuple, list] = {}
     for r in records:
         by_run.setdefault((r["sampler"], r["nfe_target"]), []).append(r)
@@ -550,7 +558,9 @@ def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -
             measured = sorted({p["nfe"] for p in parts})
             row = {"sampler": spec.name, "family": spec.family, "stochastic": spec.stochastic, "steps": parts[0]["steps"],
                    "nfe_target": nfe, "nfe": measured[-1], "num_samples": int(sample.shape[0]),
-                   "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0]}
+                   "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0],
+                   "start_sigma": parts[0]["start_sigma"],
+                   "from_prior": starts_from_prior(parts[0]["start_sigma"], model.sigma_max)}
             if any(p["errors"] is not None for p in parts):
                 row.update(metrics.summarize_errors(np.concatenate([p["errors"] for p in parts])))
             else:
@@ -568,6 +578,7 @@ def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -
     meta = {
         "model": config.model,
         "model_info": model.info,
+        "sigma_max": model.sigma_max,
         "samplers": {s.name: {"family": s.family, "description": describe(s), "runner": s.runner} for s in specs},
         "features": features.name,
         "feature_info": features.describe(image_shape),

@@ -225,3 +225,53 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     assert all(np.isfinite(r["error_mean"]) for r in result["rows"])
     with pytest.raises(ValueError, match="discrete VP"):
         run_sweep(SweepConfig(model=str(path), samplers=["ddim"], nfe=[3], num_samples=2, progress=False))
+
+
+def _reference_folder(path: Path, size: int, count: int = 4, seed: int = 0) -> Path:
+    from PIL import Image
+
+    path.mkdir(exist_ok=True)
+    for i in range(count):
+        pixels = (np.random.default_rng(seed + i).random((size, size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path / f"{i}.png")
+    return path
+
+
+def _mixture_fd(tmp_path, reference: Path, **extra) -> dict:
+    config = SweepConfig(model="mixture", samplers=["edm-euler"], nfe=[1], num_samples=2, reference_steps=0, progress=False,
+                         quiet=True, reference=str(reference), stats_cache=str(tmp_path / "cache"), **extra)
+    return run_sweep(config)
+
+
+def test_reference_images_of_another_size_are_resized_to_the_samples(tmp_path):
+    """12x12 images against the mixture's 16x16 samples: resized as FID pipelines do (the FD is
+    that of the same images resized by PIL, given as statistics), and said in a note."""
+    from PIL import Image
+
+    from edm_sampling.evaluation.features import PixelFeatures
+    from edm_sampling.evaluation.metrics import feature_statistics
+
+    folder = _reference_folder(tmp_path / "small", 12)
+    result = _mixture_fd(tmp_path, folder, output=str(tmp_path / "out"))
+    assert any("--reference images of 12x12 are resized to the samples' 16x16" in note for note in result["meta"]["notes"])
+    resized = [np.asarray(Image.open(f).convert("RGB").resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float32)
+               for f in sorted(folder.iterdir())]
+    images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2) / 127.5 - 1
+    mu, sigma = feature_statistics(PixelFeatures()(images).numpy())
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    by_statistics = _mixture_fd(tmp_path, tmp_path / "stats.npz")
+    assert np.isfinite(result["rows"][0]["fd"])
+    assert result["rows"][0]["fd"] == pytest.approx(by_statistics["rows"][0]["fd"], rel=1e-9)
+    assert (tmp_path / "out" / "grids" / "edm-euler_nfe1.png").exists()  # the resized images beside the samples
+
+
+def test_cached_reference_statistics_follow_the_images(tmp_path):
+    folder = _reference_folder(tmp_path / "images", 16)
+    first = _mixture_fd(tmp_path, folder)
+    again = _mixture_fd(tmp_path, folder)
+    assert not first["meta"]["reference_statistics"]["loaded_from_cache"]
+    assert again["meta"]["reference_statistics"]["loaded_from_cache"] and again["rows"][0]["fd"] == first["rows"][0]["fd"]
+    _reference_folder(folder, 16, count=1, seed=7)  # one image replaced: same name, new pixels
+    changed = _mixture_fd(tmp_path, folder)
+    assert not changed["meta"]["reference_statistics"]["loaded_from_cache"]
+    assert changed["rows"][0]["fd"] != first["rows"][0]["fd"]

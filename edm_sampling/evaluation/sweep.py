@@ -274,22 +274,50 @@ def _default_cache_dir() -> Path:
     return Path(base) / "edm_sampling" / "fd_stats"
 
 
-def _load_reference_images(path: Path, channels: int = 3, limit: int | None = None) -> torch.Tensor:
-    """The first ``limit`` (all) images of a folder as [N, C, H, W] in [-1, 1], converted to the
-    samples' channel count; `InvalidArgument` naming a file that does not decode."""
+def _load_reference_images(path: Path, image_shape: Sequence[int], limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` (all) images of a folder as [N, C, H, W] in [-1, 1], in the samples'
+    `image_shape` (C, H, W): converted to their channel count and, where another size, resized
+    to theirs (bicubic, antialiased: as FID pipelines resize real images to the size compared);
+    `InvalidArgument` naming a file that does not decode."""
     from PIL import Image
 
+    channels, height, width = image_shape
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for file in reference_image_files(path)[:limit]:
         try:
             with Image.open(file) as image:
-                arrays.append(np.asarray(image.convert(mode), dtype=np.float32).reshape(image.height, image.width, -1))
+                image = image.convert(mode)
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.BICUBIC)
+                arrays.append(np.asarray(image, dtype=np.float32).reshape(height, width, -1))
         except Exception as error:  # PIL raises many types for damaged files
             raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
-    if len({a.shape for a in arrays}) != 1:
-        raise InvalidArgument("reference", f"the images in {path} must all have one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def reference_image_sizes(path: Path) -> list[tuple[int, int]]:
+    """The distinct (width, height) of a --reference folder's images (headers only), sorted."""
+    from PIL import Image
+
+    sizes = set()
+    for file in reference_image_files(path):
+        with Image.open(file) as image:
+            sizes.add(image.size)
+    return sorted(sizes)
+
+
+def _resize_note(config: SweepConfig, image_shape: Sequence[int]) -> str | None:
+    """The note saying that the --reference images are resized to the samples' size, or None."""
+    if config.reference is None or config.reference.endswith(".npz"):
+        return None
+    target = (image_shape[2], image_shape[1])
+    other = [size for size in reference_image_sizes(Path(config.reference)) if size != target]
+    if not other:
+        return None
+    sizes = ", ".join(f"{w}x{h}" for w, h in other)
+    return (f"--reference images of {sizes} are resized to the samples' {target[0]}x{target[1]} (bicubic, antialiased, "
+            "as FID pipelines resize real images) before their features are taken")
 
 
 def reference_statistics(config: SweepConfig, model, features, image_shape) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -302,8 +330,10 @@ def reference_statistics(config: SweepConfig, model, features, image_shape) -> t
                                  f"the samples' {features.name} features are {dim}-d")
             return data["mu"], data["sigma"], {"source": config.reference}
     if config.reference is not None:
-        images_fn = lambda: _load_reference_images(Path(config.reference), image_shape[0])  # noqa: E731
-        description = {"data": str(Path(config.reference).resolve())}
+        folder = Path(config.reference)
+        images_fn = lambda: _load_reference_images(folder, image_shape)  # noqa: E731
+        description = {"data": str(folder.resolve()), "files": metrics.files_fingerprint(reference_image_files(folder)),
+                       "image_shape": list(image_shape)}
     elif model.reference_images is not None:
         images_fn, description = model.reference_images, dict(model.reference_description)
     else:
@@ -467,7 +497,7 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
     mine = [k for k in range(len(chunks)) if k % world == rank]
     inputs = agree(gather, lambda: _read_inputs(config, model, features, device, dtype) if rank == 0 else None)
     fd_available = config.reference is not None or model.reference_images is not None
-    notes = _notes(config, specs, nfes, model, skipped, fd_available)
+    notes = _notes(config, specs, nfes, model, skipped, fd_available) + (inputs["notes"] if inputs else [])
     if rank == 0 and not config.quiet:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
@@ -537,8 +567,9 @@ def _read_inputs(config: SweepConfig, model, features, device, dtype) -> dict[st
         image_shape = tuple(model.to_image(torch.zeros(1, *model.sample_shape, device=device, dtype=dtype)).shape[1:])
     truth = None
     if config.output is not None and config.grid_images:
-        truth = _true_images(config, model, config.grid_images, image_shape[0])
-    return {"statistics": reference_statistics(config, model, features, image_shape), "true_images": truth}
+        truth = _true_images(config, model, config.grid_images, image_shape)
+    return {"statistics": reference_statistics(config, model, features, image_shape), "true_images": truth,
+            "notes": [note for note in [_resize_note(config, image_shape)] if note]}
 
 
 def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -> dict[str, Any]:
@@ -648,8 +679,8 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
     plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
                         f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
     if config.grid_images:
-        channels = next(iter(result["samples"].values())).shape[1]
-        truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, channels)
+        shape = next(iter(result["samples"].values())).shape[1:]
+        truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, shape)
         lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
         for (name, nfe), images in result["samples"].items():
             row = lookup[(name, nfe)]
@@ -661,11 +692,11 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
     return out
 
 
-def _true_images(config: SweepConfig, model, n: int, channels: int) -> torch.Tensor | None:
+def _true_images(config: SweepConfig, model, n: int, image_shape: Sequence[int]) -> torch.Tensor | None:
     """n data images to show beside the samples: draws of a built-in model, or the first of a
-    --reference image folder; None when neither exists."""
+    --reference image folder in the samples' `image_shape`; None when neither exists."""
     if config.reference is not None and not config.reference.endswith(".npz"):
-        return _load_reference_images(Path(config.reference), channels, limit=n)
+        return _load_reference_images(Path(config.reference), image_shape, limit=n)
     if model is not None and model.data_draws is not None:
         return model.data_draws(n, 0)
     return None

@@ -167,6 +167,15 @@ def _load_component(root: Path, name: str, spec: Any) -> Any:
         raise InvalidArgument("model", f"cannot load component {name!r} ({class_name}) from {root / name}: {error}") from error
 
 
+def check_model_dependencies(name: str | Path) -> None:
+    """`InvalidArgument` before any work when a built-in model needs an optional package that
+    is missing (the digits: scikit-learn, which ships them offline)."""
+    from . import EVAL_EXTRA, module_available
+
+    if str(name) == "digits" and not module_available("sklearn"):
+        raise InvalidArgument("model", f"the built-in digits need scikit-learn, which is not installed: {EVAL_EXTRA}")
+
+
 def check_model_folder(path: str | Path) -> dict:
     """Validate a diffusers folder and return its model_index.json (before anything is loaded):
     every component's JSON files are read (`safety.inputs.read_pipeline_index`)."""

@@ -551,7 +551,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
 
     from ..safety import RunFolder
     from ..schedules import schedule_file_json
-    from .models import BUILTIN_MODELS, check_model_folder
+    from .models import BUILTIN_MODELS, check_model_dependencies, check_model_folder
     from .report import check_output_dir, write_json
     from .sweep import DTYPES, _versions
 
@@ -559,6 +559,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
     check_search(solver, afs, list(nfes), settings.candidates)
     if str(model) not in BUILTIN_MODELS:
         check_model_folder(model)
+    check_model_dependencies(model)
     check_output_dir(output, overwrite)
     with RunFolder(output) as folder:  # one job per folder; a user's file at the output is refused, never replaced
         check_output_dir(output, overwrite)

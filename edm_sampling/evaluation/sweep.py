@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice, existing_path, output_folder
-from . import metrics
+from . import EVAL_EXTRA, metrics, module_available
 from .samplers_registry import (
     DEFAULT_NFE,
     SAMPLER_GROUPS,
@@ -123,12 +123,13 @@ class SweepConfig:
             existing_path("inception", self.inception)
         if self.reference is not None:
             check_reference(self.reference)
-        from .models import BUILTIN_MODELS, check_model_folder
+        from .models import BUILTIN_MODELS, check_model_dependencies, check_model_folder
 
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidArgument("model", f"must be a built-in model {BUILTIN_MODELS} or a folder, got {self.model!r}")
         if str(self.model) not in BUILTIN_MODELS:
             check_model_folder(self.model)
+        check_model_dependencies(self.model)
         return specs
 
 
@@ -370,6 +371,9 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     if not fd_available:
         notes.append("Frechet distance skipped: a --model folder has no reference data; give --reference "
                      "(a folder of images or an .npz with mu and sigma)")
+    if config.output is not None and not module_available("matplotlib"):
+        notes.append(f"no plots (quality_vs_nfe.png, tune.png): matplotlib is not installed ({EVAL_EXTRA}); the tables, "
+                     "CSV, JSON and sample grids are written")
     if config.reference_steps == 0 and config.ode_errors:
         notes.append("ODE error skipped: --reference-steps 0")
     elif model.exact_solution is not None and config.reference_steps != SweepConfig.reference_steps:
@@ -676,8 +680,9 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
     rows, meta = result["rows"], result["meta"]
     write_csv(rows, out / "results.csv", COLUMNS)
     write_json({"rows": rows, "meta": meta}, out / "results.json")
-    plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
-                        f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
+    if module_available("matplotlib"):
+        plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
+                            f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
     if config.grid_images:
         shape = next(iter(result["samples"].values())).shape[1:]
         truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, shape)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..safety.inputs import InvalidArgument, Number
+from . import module_available
 from .samplers_registry import SAMPLERS, ours_names, with_churn
 
 Setting = tuple[float, float, float, float]
@@ -170,7 +171,8 @@ def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: 
         write_csv(ranked, output / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std",
                                                 "fd_delta", "fd_delta_std", "sec_per_sample", "num_samples", "same_as", "sampler"])
         write_json({key: value for key, value in out.items() if key != "meta"} | {"meta": result["meta"]}, output / "tune.json")
-        plot_tune(rows, output / "tune.png")
+        if module_available("matplotlib"):  # else the sweep's note says so
+            plot_tune(rows, output / "tune.png")
     return out
 
 

@@ -275,3 +275,71 @@ def test_cached_reference_statistics_follow_the_images(tmp_path):
     changed = _mixture_fd(tmp_path, folder)
     assert not changed["meta"]["reference_statistics"]["loaded_from_cache"]
     assert changed["rows"][0]["fd"] != first["rows"][0]["fd"]
+
+
+def test_a_stable_diffusion_model_moves_every_module_it_holds(tmp_path):
+    """`BenchModel.to` moves the VAE (used by to_image) and the text encoder with the UNet, as
+    the sweep does before sampling on a GPU; the schedule search makes its labels on the device."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import tiny_sd_components
+
+    from edm_sampling.evaluation.models import load_model
+
+    path = tmp_path / "tiny-sd"
+    StableDiffusionPipeline(**tiny_sd_components(tmp_path)).save_pretrained(path)
+    model = load_model(path, prompt="a cat").to("meta")
+    parts = [model.denoiser, model.unet, *model.modules]
+    assert {type(m).__name__ for m in model.modules} >= {"AutoencoderKL", "CLIPTextModel"}
+    assert {p.device.type for part in parts for p in [*part.parameters(), *part.buffers()]} == {"meta"}
+    image = model.to_image(torch.zeros(1, *model.sample_shape, device="meta"))
+    assert image.device.type == "meta" and image.shape == (1, 3, 16, 16)
+
+
+def test_the_schedule_search_makes_class_labels_on_the_model_device(ddpm_folder):
+    from edm_sampling.evaluation.models import load_model
+    from edm_sampling.evaluation.schedule_search import model_problem
+
+    problem = model_problem(load_model(ddpm_folder).to("meta"), "euler", False, device="meta")
+    assert problem.model_kwargs([0, 1])["class_labels"].device.type == "meta"
+
+
+def _sdxl_pipeline(root: Path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from tiny_models import tiny_clip_text_model, tiny_clip_tokenizer, tiny_vae
+
+    tokenizer = tiny_clip_tokenizer(root / "clip_vocab")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, norm_num_groups=4,
+                                attention_head_dim=2, addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=8 + 6 * 4)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text_model(len(tokenizer), seed=1),
+                                     text_encoder_2=tiny_clip_text_model(len(tokenizer), seed=2, with_projection=True),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+
+
+def _sd3_pipeline(root: Path):
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_models import tiny_sd3_components
+
+    return StableDiffusion3Pipeline(**tiny_sd3_components(root))
+
+
+@pytest.mark.parametrize("make, message", [(_sdxl_pipeline, "does not support SDXL's added conditioning yet"),
+                                           (_sd3_pipeline, "does not support transformer (flow) pipelines yet")])
+def test_sdxl_and_transformer_folders_are_refused_before_any_work(tmp_path, capsys, monkeypatch, make, message):
+    path = tmp_path / "pipeline"
+    make(tmp_path).save_pretrained(path)
+
+    def no_loading(*unused, **kwargs):
+        raise AssertionError("a component was loaded before the folder was refused")
+
+    monkeypatch.setattr("edm_sampling.evaluation.models._load_component", no_loading)
+    for argv in (["bench"], ["tune", "--schedule"]):
+        with pytest.raises(SystemExit) as error:
+            main([*argv, "--model", str(path), "--prompt", "a cat", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert "--model: " in err and message in err and not (tmp_path / "out").exists()

@@ -510,11 +510,12 @@ def search_schedules(problem: SearchProblem, nfes: Sequence[int], settings: Sear
 # --- the command: `edm-sampling tune --schedule` and bench's `--schedule-file` ---------------------
 
 
-def model_problem(model: Any, solver: str, afs: bool) -> SearchProblem:
+def model_problem(model: Any, solver: str, afs: bool, device: torch.device | str = "cpu") -> SearchProblem:
     """The search problem of a bench model (`models.BenchModel`): its denoiser, and the range
     and default grid `EDMScheduler.from_config(model's scheduler config, solver=..., afs=...)`
     samples with, so the file serves that scheduler; models without a DDPM-family scheduler
-    config (VE, EDM folders) use their sampling range and `solvers.solver_sigmas`."""
+    config (VE, EDM folders) use their sampling range and `solvers.solver_sigmas`. Class labels
+    are made on `device`, where the model runs."""
     from ..solvers import solver_sigmas
     from .samplers_registry import build_scheduler, edm_scheduler_row
 
@@ -534,7 +535,7 @@ def model_problem(model: Any, solver: str, afs: bool) -> SearchProblem:
             return solver_sigmas(solver, nfe, lo, hi, afs=afs)
 
     return SearchProblem(model.denoiser, tuple(model.sample_shape), solver, afs, lo, hi, default_grid,
-                         lambda seeds: model.class_labels(seeds, torch.device("cpu")), model.exact_solution is not None)
+                         lambda seeds: model.class_labels(seeds, torch.device(device)), model.exact_solution is not None)
 
 
 def schedule_file_name(solver: str, afs: bool) -> str:
@@ -581,10 +582,11 @@ def _search(model: str, solver: str, afs: bool, nfes: Sequence[int], settings: S
     if str(model) in BUILTIN_MODELS:
         torch.set_num_threads(1)  # the oracles' tensors are small: threads do not pay off
     try:
-        bench_model = load_model(model, prompt=prompt, guidance_scale=guidance_scale, dtype=dtype)
-        problem = model_problem(bench_model, solver, afs)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        bench_model = load_model(model, prompt=prompt, guidance_scale=guidance_scale, device=device, dtype=dtype)
+        problem = model_problem(bench_model, solver, afs, device)
         log = (lambda text: print(f"tune --schedule: {text}", flush=True)) if progress else None
-        result = search_schedules(problem, nfes, settings, log=log)
+        result = search_schedules(problem, nfes, settings, device=device, log=log)
     finally:
         torch.set_num_threads(threads)
     meta = {

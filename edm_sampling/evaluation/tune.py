@@ -107,14 +107,14 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     config.samplers, config.ode_errors = [], False  # scored by FD only
     config.extra_specs = [SAMPLERS[base]]
     config.validate()  # every bad option fails here, before the model is loaded
-    rank, _, _, gather, _ = _distributed()
+    rank, _, device, gather, _ = _distributed()
     folder = None
     if config.output is not None and rank == 0:
         folder = agree(gather, lambda: open_output_folder(config, sweep_outputs(config, [], config.nfe) + list(TUNE_FILES)))
     else:
         agree(gather, lambda: None)
     try:
-        out = _tune(config, base, grid, bootstrap, folder, rank, gather)
+        out = _tune(config, base, grid, bootstrap, folder, rank, device, gather)
         if folder is not None and out:
             folder.commit()
         return out
@@ -126,13 +126,14 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
 TUNE_FILES = ("tune.csv", "tune.json", "tune.png")
 
 
-def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: int, gather) -> dict[str, Any]:
+def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: int, device, gather) -> dict[str, Any]:
     from .models import load_model
     from .report import write_csv, write_json
     from .samplers_registry import core_sigmas
     from .sweep import DTYPES, agree, grid_name, run_sweep
 
-    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])
+    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device,
+                       dtype=DTYPES[config.dtype])
     if config.reference is None and model.reference_images is None:
         raise InvalidArgument("reference", f"tune scores by the Frechet distance to the data, and {config.model} has no "
                                            "data of its own: give --reference (a folder of images or an .npz)")

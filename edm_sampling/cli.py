@@ -22,7 +22,7 @@ to the subcommand as `args.started` so that its wall time includes the imports."
 EXAMPLES = """\
 examples:
   edm-sampling bench                          low-NFE sampler benchmark on the built-in exact mixture
-                                              (no download; about 17 s on 2 CPU cores)
+                                              (no download; about 20 s on 2 CPU cores)
   edm-sampling bench --model digits           ... on the ideal denoiser of the 8x8 digits
   edm-sampling bench --model PATH --nfe 9,17,35   ... on a local diffusers folder
   edm-sampling tune --nfe 35                  churn grid search (S_churn, S_tmin, S_tmax, S_noise)

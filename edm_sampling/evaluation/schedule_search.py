@@ -307,7 +307,10 @@ class SearchSettings:
 
     def check(self) -> None:
         """A ValueError naming the flag for a setting out of range."""
+        from ..safety.inputs import SEED
+
         candidate_levels(self.candidates, 1.0, 2.0)
+        SEED.check("seed", self.seed)
         if not self.coeffs or any(not (math.isfinite(c) and c > 0) for c in self.coeffs):
             raise ValueError(f"--coeff: give positive numbers, got {list(self.coeffs)}")
         for flag, value, least in (("--num-samples", self.search_samples, 2), ("--holdout-samples", self.holdout_samples, 2),
@@ -543,6 +546,12 @@ def schedule_file_name(solver: str, afs: bool) -> str:
     return f"schedule_{solver}{'_afs' if afs else ''}.json"
 
 
+def is_schedule_file_name(name: str) -> bool:
+    """Whether `name` (relative to an output folder) is a file `tune --schedule` writes there:
+    one per solver, side by side (`schedule_file_name`)."""
+    return "/" not in name and name.startswith("schedule_") and name.endswith(".json")
+
+
 def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int], settings: SearchSettings,
                         output: str, overwrite: bool = False, prompt: str | None = None, guidance_scale: float = 7.5,
                         dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
@@ -569,6 +578,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
         meta["versions"] = _versions()
         path = Path(output) / schedule_file_name(solver, afs)
         write_json(schedule_file_json([r["grid"] for r in result["results"]], **meta), path)
+        folder.keep(name for name in folder.own_files() if is_schedule_file_name(name))  # other solvers' files stay
         folder.commit()
     return {**result, "path": str(path), "meta": meta}
 

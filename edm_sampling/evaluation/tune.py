@@ -11,14 +11,15 @@ Two things keep the search honest:
   each group runs once and lists the settings it stands for.
 - The FD's noise is reported: a bootstrap over the samples gives each setting's FD std, and
   resampling the same seeds for every setting (the runs share their noise seeds) gives the std
-  of its FD difference to the deterministic sampler. A win smaller than about two of those
-  is noise.
+  of its FD difference to the deterministic sampler. The best of K settings counts as a real
+  win only past Bonferroni's threshold, Phi^-1(1 - 0.025 / K) of those std (`win_threshold`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,6 +87,26 @@ def bootstrap_fd(features: dict[Setting, np.ndarray], mu: np.ndarray, sigma: np.
     std = {s: float(np.std(v, ddof=1)) for s, v in draws.items()}
     diff_std = {s: float(np.std(np.array(v) - base, ddof=1)) for s, v in draws.items()}
     return std, diff_std
+
+
+def win_threshold(comparisons: int) -> float:
+    """z = Phi^-1(1 - 0.025 / K): how many std of the paired difference the best of K churn
+    settings must gain over the deterministic sampler to count as a real win (Bonferroni's
+    correction of the one-sided 2.5% test for picking the best of K; K = 1: 1.96)."""
+    if isinstance(comparisons, bool) or not isinstance(comparisons, int) or comparisons < 1:
+        raise ValueError(f"comparisons must be an integer >= 1, got {comparisons!r}")
+    return NormalDist().inv_cdf(1 - 0.025 / comparisons)
+
+
+def win_verdict(gain: float, std: float, comparisons: int) -> str:
+    """The line `tune` prints for the best churn setting's FD gain over the deterministic
+    sampler (`std`: of their paired difference), best of `comparisons` settings."""
+    margin = gain / std if std > 0 else math.inf
+    threshold = win_threshold(comparisons)
+    verdict = "a real win" if margin >= threshold else "within the noise: not a reliable win"
+    return (f"its gain over the deterministic sampler: {gain:.3g} = {margin:.1f} std of the paired difference: {verdict} "
+            f"(threshold {threshold:.2f} std: Phi^-1(1 - 0.025 / K), Bonferroni for the best of K = {comparisons} "
+            f"churn setting{'s' if comparisons > 1 else ''})")
 
 
 def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.01, 0.05), s_tmax=(1, 50),

@@ -149,8 +149,8 @@ def _not_from_prior_note(rows: Sequence[dict], sigma_max: float | None) -> str |
     below = f" (below {PRIOR_START_FRACTION:g} x the model's sigma_max {sigma_max:.4g})" if sigma_max else ""
     runs = "; ".join(f"{name} at NFE {', '.join(map(str, nfes))} starts at sigma {start:.3g}"
                      for (name, start), nfes in starts.items())
-    return (f"{NOT_FROM_PRIOR_MARK}: not from the prior{below}: {runs}; it returns almost its input, close to the ODE "
-            "solution from that start: left out of the best marks (*) and the ratio lines")
+    return (f"{NOT_FROM_PRIOR_MARK}: not from the prior{below}: {runs}; such a run returns almost its input, which is "
+            "close to the ODE solution from that start: left out of the best marks (*) and the ratio lines")
 
 
 def _cell(value: str, row: dict) -> str:

@@ -8,10 +8,14 @@ starts at sigma_max = 80 from x = 80 z and solves down a grid ending [..., sigma
 calls (Heun: N steps cost 2N - 1; multistep: N steps N calls, N + 1 steps under afs).
 
 Truth (--truth): "zero" (default) is the exact ODE solution at sigma = 0 from the same noise,
-x*(0). Solvers whose last step is the final denoise x = D(x; sigma_min) (Euler, Heun,
-DPM-Solver++, UniPC) share a floor there, |D(x*(0.01); 0.01) - x*(0)|, printed per oracle; the
-Adams-Bashforth solvers (ipndm, ipndm_v, deis) extrapolate the slope to sigma = 0 and can beat
-it. "denoised" is D(x*(0.01); 0.01): the error of the ODE solve on [0.01, 80] alone, no floor.
+x*(0). Solvers whose last step is the final denoise x = D(x; sigma_min) share a floor there,
+|D(x*(0.01); 0.01) - x*(0)|, printed per oracle: Euler, Heun and the diffusers peer below
+(final_step "denoise"). Every multistep solver here (DPM-Solver++ 2M / 3M, UniPC, iPNDM,
+iPNDM-v, DEIS) by default ends on the denoised trajectory extrapolated to sigma = 0 (final_step
+"extrapolate", `solvers.final_denoised`: D at its last two calls, which cancels the floor's
+O(sigma_min^2) term; iPNDM, iPNDM-v and DEIS since commit 02da21b, before which they took their
+Adams-Bashforth step to 0), so they can beat the floor. "denoised" is D(x*(0.01); 0.01): the
+error of the ODE solve on [0.01, 80] alone, no floor.
 
 Oracles (64 dimensions, shape 1x8x8):
   gaussian  `oracles.builtin_gaussian`: closed-form x*(sigma).
@@ -24,9 +28,10 @@ difference bounds its error).
 
 Reported: the median over samples of the per-sample RMSE; per oracle and NFE the best
 configuration is starred and its error printed as a ratio to two named peers run here on the
-same noise: DPM-Solver++(2M) on the Karras rho = 7 grid (what diffusers'
-DPMSolverMultistepScheduler(use_karras_sigmas=True) computes; tests/test_solvers.py checks the
-parity) and EDM Heun on the same grid (the paper's sampler). With --all, a last table scores
+same noise: "dpmpp_2m(diffusers)", DPM-Solver++(2M) on the Karras rho = 7 grid with its last
+step x = D (final_step "denoise": what diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True)
+computes; tests/test_solvers.py checks the parity), and EDM Heun on the same grid (the paper's
+sampler). With --all, a last table scores
 each solver's grids by the geometric mean, over oracles and NFEs, of its error / the best error
 of any configuration there (1 = always best): the measurement behind each solver's default grid.
 """
@@ -119,7 +124,10 @@ def exact_solutions(name: str, denoiser: Any, x0: torch.Tensor, steps: int = 204
     return at_min, at_zero, f"RK4 in log sigma, max |x*(half the steps) - x*| = {check:.1e}"
 
 
-PEERS = (("dpmpp_2m", "karras"), ("heun", "karras"))
+PEERS = (("dpmpp_2m(diffusers)", "dpmpp_2m", "karras", {"solver_options": {"final_step": "denoise"}}),
+         ("heun", "heun", "karras", {}))
+"""The named peers (label, solver, grid, solver options): DPM-Solver++(2M) as diffusers computes
+it, and the paper's Heun."""
 GRIDS = {"karras": {"rho": 7.0}, "logsnr": {}, "time_quadratic": {}, "time_uniform": {}, "ays": {}, "gits": {}}
 """ays: the SD1.5 list mapped log-affinely onto [0.01, 80]; gits: the published 6-step list (NFE 6, or 5 with afs)."""
 VARIANTS = (("euler", {}), ("heun", {}), ("ipndm", {"order": 3}), ("ipndm", {"order": 4}), ("ipndm_v", {"order": 3}),
@@ -135,11 +143,14 @@ def configurations(everything: bool) -> list[tuple[str, str, str, dict[str, Any]
         info = solver_info(solver)
         for grid, grid_options in GRIDS.items():
             default = grid == info.schedule and grid_options == info.schedule_options
-            if not (everything or default or (solver, grid) in PEERS):
+            if not (everything or default):
                 continue
             for afs in (False, True) if info.afs and solver != "euler" else (False,):
                 label = solver + "".join(f"{v}" for v in options.values()) + ("+afs" if afs else "")
                 configs.append((label, solver, grid, grid_options, {**options, **({"afs": True} if afs else {})}))
+    present = {(label, grid) for label, _, grid, _, _ in configs}
+    configs += [(label, solver, grid, GRIDS[grid], options) for label, solver, grid, options in PEERS
+                if (label, grid) not in present]
     return configs
 
 
@@ -189,16 +200,15 @@ def main() -> None:
                 calls, x = run(solver, grid, grid_options, options, nfe, denoiser, z)
                 row[nfe] = median_rmse(x, truth) if x is not None and calls <= nfe else math.nan
         best = {nfe: min((k for k in errors if not math.isnan(errors[k][nfe])), key=lambda k: errors[k][nfe]) for nfe in args.nfe}
-        print(f"{'solver':14s} {'grid':15s}" + "".join(f"{n:>10d}" for n in args.nfe))
+        print(f"{'solver':20s} {'grid':15s}" + "".join(f"{n:>10d}" for n in args.nfe))
         for key, row in errors.items():
             cells = "".join(f"{row[n]:9.2e}{'*' if best[n] == key else ' '}" for n in args.nfe)
-            print(f"{key[0]:14s} {key[1]:15s}{cells}")
+            print(f"{key[0]:20s} {key[1]:15s}{cells}")
             if key[1] in ("karras", "logsnr", "time_quadratic", "time_uniform"):
                 scores.setdefault(key, []).extend(math.log(row[n] / errors[best[n]][n]) for n in args.nfe)
-        for peer in PEERS:
-            if peer in errors:
-                ratios = "".join(f"{errors[best[n]][n] / errors[peer][n]:10.3f}" for n in args.nfe)
-                print(f"{'best / ' + ' '.join(peer):30s}{ratios}")
+        for label, _, grid, _ in PEERS:
+            ratios = "".join(f"{errors[best[n]][n] / errors[(label, grid)][n]:10.3f}" for n in args.nfe)
+            print(f"{'best / ' + label + ' ' + grid:36s}{ratios}")
         print("best per NFE: " + ", ".join(f"{n}: {best[n][0]} {best[n][1]}" for n in args.nfe))
     if args.all:
         grids = ["karras", "logsnr", "time_quadratic", "time_uniform"]

@@ -22,7 +22,7 @@ to the subcommand as `args.started` so that its wall time includes the imports."
 EXAMPLES = """\
 examples:
   edm-sampling bench                          low-NFE sampler benchmark on the built-in exact mixture
-                                              (no download; about 17 s on 2 CPU cores)
+                                              (no download; about 20 s on 2 CPU cores)
   edm-sampling bench --model digits           ... on the ideal denoiser of the 8x8 digits
   edm-sampling bench --model PATH --nfe 9,17,35   ... on a local diffusers folder
   edm-sampling tune --nfe 35                  churn grid search (S_churn, S_tmin, S_tmax, S_noise)
@@ -90,10 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run the chosen subcommand; returns the process exit code.
 
     Errors a user can act on end the command with one line and no traceback: bad input
-    (ValueError, named by the flag as typed) and failed reads or writes (OSError, among them
-    `WriteFailedError`: disk full) with exit code 2, non-finite model outputs with 1, SIGINT /
-    SIGTERM with 130 / 143 (the trainer first finishes its step and saves a checkpoint; files
-    are written atomically, so none is left half-written)."""
+    (ValueError, named by the flag as typed), failed reads or writes (OSError, among them
+    `WriteFailedError`: disk full) and a missing optional dependency (ImportError) with exit
+    code 2, non-finite model outputs with 1, SIGINT / SIGTERM with 130 / 143 (the trainer first
+    finishes its step and saves a checkpoint; files are written atomically, so none is left
+    half-written)."""
     global _loaded_at
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -110,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.exit(2, f"{command.prog}: error: {_one_line(error.renamed(flag_as_typed(command, error.name, argv)))}\n")
     except (ValueError, OSError) as error:
         command.exit(2, f"{command.prog}: error: {_one_line(error)}\n")
+    except ImportError as error:  # an optional dependency (the extras of pyproject.toml)
+        hint = "" if "pip install" in str(error) else " (an optional dependency: pip install 'edm_sampling[all]')"
+        command.exit(2, f"{command.prog}: error: {_one_line(error)}{hint}\n")
     except NonFiniteOutputError as error:
         command.exit(1, f"{command.prog}: error: {_one_line(error)}\n")
     except (KeyboardInterrupt, Stopped) as stop:

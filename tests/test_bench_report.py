@@ -15,6 +15,7 @@ from edm_sampling.evaluation.report import (
     format_report,
     pivot_table,
     plot_quality_vs_nfe,
+    reference_limited_nfes,
     sampler_styles,
 )
 from edm_sampling.evaluation.samplers_registry import SAMPLERS
@@ -118,3 +119,37 @@ def test_grid_images_are_titled_and_show_true_data_beside_the_samples(tmp_path):
     assert dark_rows[0] < 20  # text at the top
     # the long title wraps onto several lines instead of running off the image
     assert (image[:, -8:] < 128).sum() == 0
+
+
+def test_runs_that_do_not_start_from_the_prior_never_win(tmp_path):
+    """diffusers' linspace Euler at one step starts at sigma(t = 0) = 0.01: it returns almost its
+    input, close to the ODE solution from that start, and must not be marked best nor enter the ratio."""
+    from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
+
+    result = run_sweep(SweepConfig(model="gaussian", samplers=["edm-euler", "euler-karras", "ddim"], nfe=[1, 2],
+                                   num_samples=4, progress=False, quiet=True, stats_cache=str(tmp_path)))
+    rows = {(r["sampler"], r["nfe_target"]): r for r in result["rows"]}
+    low = rows[("euler-karras", 1)]
+    assert not low["from_prior"] and low["start_sigma"] == pytest.approx(0.01, rel=0.01)
+    assert low["error_median"] < rows[("ddim", 1)]["error_median"]  # the garbage that used to win
+    assert all(r["from_prior"] for key, r in rows.items() if key != ("euler-karras", 1))
+    ratio = family_ratio(result["rows"], "error_median")[1]
+    assert ratio == pytest.approx(rows[("edm-euler", 1)]["error_median"] / rows[("ddim", 1)]["error_median"])
+    text = format_report(result)
+    table = text.split("\n\n")[1].splitlines()
+    line = next(line for line in table if line.startswith("euler-karras"))
+    assert line.split()[1].endswith("!") and "*" not in line.split()[1]
+    assert "!: not from the prior (below 0.5 x the model's sigma_max 80): euler-karras at NFE 1 starts at sigma 0.01" in text
+
+
+def test_nfes_where_the_reference_is_not_accurate_enough_leave_the_ratio_line():
+    check = {"steps": 4, "half_steps_rmse_median": 0.01, "half_steps_rmse_max": 0.045, "estimated_error": 0.015}
+    meta = {"model": "m", "model_info": {"model": "a model"}, "ode_reference": "Heun, 4 steps", "features": "FD-pixels",
+            "ode_reference_check": check}
+    rows = [r for r in ROWS if r["sampler"] != "ours-heun"]  # best median error: 0.2 at NFE 5, 0.1 at NFE 9
+    assert reference_limited_nfes(rows, check) == [9]  # 0.015 > 0.1 x 0.1; not > 0.1 x 0.2
+    text = format_report({"rows": rows, "meta": meta})
+    ratio = next(line for line in text.splitlines() if line.startswith("best edm_sampling / best diffusers"))
+    assert ratio.split()[-2:] == ["2x", "(ref)"]
+    assert "note: the ODE reference is not accurate enough at NFE 9" in text and "raise --reference-steps (now 4)" in text
+    assert reference_limited_nfes(rows, None) == [] and reference_limited_nfes(rows, {**check, "estimated_error": 1e-3}) == []

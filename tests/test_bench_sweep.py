@@ -92,10 +92,11 @@ def _free_port() -> int:
 
 
 def test_one_and_two_processes_give_the_same_results(tmp_path):
-    args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "2",
+    # one batch would hold every sample (as with the defaults, 256 and 256): each process still gets half
+    args = ["--model", "gaussian", "--nfe", "5", "--samplers", "edm-heun-churn,edm-heun,ddim", "--num-samples", "6", "--batch-size", "6",
             "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"]
     single = run_sweep(SweepConfig(model="gaussian", samplers=["edm-heun-churn", "edm-heun", "ddim"], nfe=[5], num_samples=6,
-                                   batch_size=2, progress=False, stats_cache=str(tmp_path / "cache")))
+                                   batch_size=3, progress=False, stats_cache=str(tmp_path / "cache")))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "edm_sampling.cli", "bench", "--output", str(tmp_path / "two"), *args]
@@ -103,7 +104,7 @@ def test_one_and_two_processes_give_the_same_results(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(2 process(es))" in done.stdout
     two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["meta"]["num_processes"] == 2
+    assert two["meta"]["num_processes"] == 2 and two["meta"]["samples_per_process"] == [3, 3]
     expected = [(s, n, None if np.isnan(a) else a, None if np.isnan(b) else b, f) for s, n, a, b, f in _rows_key(single["rows"])]
     assert _rows_key(two["rows"]) == expected
     assert np.isnan(single["rows"][0]["error_mean"]) and np.isfinite(single["rows"][0]["fd"])  # churn: no ODE reference
@@ -224,3 +225,121 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     assert all(np.isfinite(r["error_mean"]) for r in result["rows"])
     with pytest.raises(ValueError, match="discrete VP"):
         run_sweep(SweepConfig(model=str(path), samplers=["ddim"], nfe=[3], num_samples=2, progress=False))
+
+
+def _reference_folder(path: Path, size: int, count: int = 4, seed: int = 0) -> Path:
+    from PIL import Image
+
+    path.mkdir(exist_ok=True)
+    for i in range(count):
+        pixels = (np.random.default_rng(seed + i).random((size, size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path / f"{i}.png")
+    return path
+
+
+def _mixture_fd(tmp_path, reference: Path, **extra) -> dict:
+    config = SweepConfig(model="mixture", samplers=["edm-euler"], nfe=[1], num_samples=2, reference_steps=0, progress=False,
+                         quiet=True, reference=str(reference), stats_cache=str(tmp_path / "cache"), **extra)
+    return run_sweep(config)
+
+
+def test_reference_images_of_another_size_are_resized_to_the_samples(tmp_path):
+    """12x12 images against the mixture's 16x16 samples: resized as FID pipelines do (the FD is
+    that of the same images resized by PIL, given as statistics), and said in a note."""
+    from PIL import Image
+
+    from edm_sampling.evaluation.features import PixelFeatures
+    from edm_sampling.evaluation.metrics import feature_statistics
+
+    folder = _reference_folder(tmp_path / "small", 12)
+    result = _mixture_fd(tmp_path, folder, output=str(tmp_path / "out"))
+    assert any("--reference images of 12x12 are resized to the samples' 16x16" in note for note in result["meta"]["notes"])
+    resized = [np.asarray(Image.open(f).convert("RGB").resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float32)
+               for f in sorted(folder.iterdir())]
+    images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2) / 127.5 - 1
+    mu, sigma = feature_statistics(PixelFeatures()(images).numpy())
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    by_statistics = _mixture_fd(tmp_path, tmp_path / "stats.npz")
+    assert np.isfinite(result["rows"][0]["fd"])
+    assert result["rows"][0]["fd"] == pytest.approx(by_statistics["rows"][0]["fd"], rel=1e-9)
+    assert (tmp_path / "out" / "grids" / "edm-euler_nfe1.png").exists()  # the resized images beside the samples
+
+
+def test_cached_reference_statistics_follow_the_images(tmp_path):
+    folder = _reference_folder(tmp_path / "images", 16)
+    first = _mixture_fd(tmp_path, folder)
+    again = _mixture_fd(tmp_path, folder)
+    assert not first["meta"]["reference_statistics"]["loaded_from_cache"]
+    assert again["meta"]["reference_statistics"]["loaded_from_cache"] and again["rows"][0]["fd"] == first["rows"][0]["fd"]
+    _reference_folder(folder, 16, count=1, seed=7)  # one image replaced: same name, new pixels
+    changed = _mixture_fd(tmp_path, folder)
+    assert not changed["meta"]["reference_statistics"]["loaded_from_cache"]
+    assert changed["rows"][0]["fd"] != first["rows"][0]["fd"]
+
+
+def test_a_stable_diffusion_model_moves_every_module_it_holds(tmp_path):
+    """`BenchModel.to` moves the VAE (used by to_image) and the text encoder with the UNet, as
+    the sweep does before sampling on a GPU; the schedule search makes its labels on the device."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import tiny_sd_components
+
+    from edm_sampling.evaluation.models import load_model
+
+    path = tmp_path / "tiny-sd"
+    StableDiffusionPipeline(**tiny_sd_components(tmp_path)).save_pretrained(path)
+    model = load_model(path, prompt="a cat").to("meta")
+    parts = [model.denoiser, model.unet, *model.modules]
+    assert {type(m).__name__ for m in model.modules} >= {"AutoencoderKL", "CLIPTextModel"}
+    assert {p.device.type for part in parts for p in [*part.parameters(), *part.buffers()]} == {"meta"}
+    image = model.to_image(torch.zeros(1, *model.sample_shape, device="meta"))
+    assert image.device.type == "meta" and image.shape == (1, 3, 16, 16)
+
+
+def test_the_schedule_search_makes_class_labels_on_the_model_device(ddpm_folder):
+    from edm_sampling.evaluation.models import load_model
+    from edm_sampling.evaluation.schedule_search import model_problem
+
+    problem = model_problem(load_model(ddpm_folder).to("meta"), "euler", False, device="meta")
+    assert problem.model_kwargs([0, 1])["class_labels"].device.type == "meta"
+
+
+def _sdxl_pipeline(root: Path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from tiny_models import tiny_clip_text_model, tiny_clip_tokenizer, tiny_vae
+
+    tokenizer = tiny_clip_tokenizer(root / "clip_vocab")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, norm_num_groups=4,
+                                attention_head_dim=2, addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=8 + 6 * 4)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text_model(len(tokenizer), seed=1),
+                                     text_encoder_2=tiny_clip_text_model(len(tokenizer), seed=2, with_projection=True),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+
+
+def _sd3_pipeline(root: Path):
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_models import tiny_sd3_components
+
+    return StableDiffusion3Pipeline(**tiny_sd3_components(root))
+
+
+@pytest.mark.parametrize("make, message", [(_sdxl_pipeline, "does not support SDXL's added conditioning yet"),
+                                           (_sd3_pipeline, "does not support transformer (flow) pipelines yet")])
+def test_sdxl_and_transformer_folders_are_refused_before_any_work(tmp_path, capsys, monkeypatch, make, message):
+    path = tmp_path / "pipeline"
+    make(tmp_path).save_pretrained(path)
+
+    def no_loading(*unused, **kwargs):
+        raise AssertionError("a component was loaded before the folder was refused")
+
+    monkeypatch.setattr("edm_sampling.evaluation.models._load_component", no_loading)
+    for argv in (["bench"], ["tune", "--schedule"]):
+        with pytest.raises(SystemExit) as error:
+            main([*argv, "--model", str(path), "--prompt", "a cat", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        assert error.value.code == 2
+        err = capsys.readouterr().err
+        assert "--model: " in err and message in err and not (tmp_path / "out").exists()

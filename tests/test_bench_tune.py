@@ -8,9 +8,10 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from edm_sampling.cli import main
-from edm_sampling.evaluation.tune import DETERMINISTIC, bootstrap_fd, churn_grid, distinct_settings
+from edm_sampling.evaluation.tune import DETERMINISTIC, bootstrap_fd, churn_grid, distinct_settings, win_threshold, win_verdict
 from edm_sampling.schedules import karras_sigmas
 
 
@@ -65,3 +66,24 @@ def test_tune_runs_each_distinct_setting_once_and_reports_the_noise(tmp_path, ca
     assert all(r["fd_std"] > 0 for r in grid)
     assert all(math.isnan(r["fd_delta_std"] or math.nan) == (r["s_churn"] == 0) for r in grid)
     assert (out / "tune.png").exists() and (out / "tune.csv").exists()
+
+
+def test_the_best_of_k_churn_settings_is_a_win_only_past_the_bonferroni_threshold():
+    assert win_threshold(1) == pytest.approx(1.959964, abs=1e-6)  # Phi^-1(0.975)
+    assert win_threshold(5) == pytest.approx(2.575829, abs=1e-6)  # Phi^-1(1 - 0.005)
+    assert win_threshold(20) == pytest.approx(3.023341, abs=1e-6)
+    assert "a real win" in win_verdict(2.3, 1.0, 1)
+    line = win_verdict(2.3, 1.0, 5)  # 2.3 std: the best of 5 settings gets that far by chance too often
+    assert "within the noise" in line and "threshold 2.58 std" in line and "K = 5 churn settings" in line
+    assert "a real win" in win_verdict(2.6, 1.0, 5)
+    with pytest.raises(ValueError):
+        win_threshold(0)
+
+
+def test_tune_without_duplicate_settings_lists_no_groups(tmp_path, capsys):
+    code = main(["tune", "--model", "gaussian", "--nfe", "9", "--num-samples", "8", "--s-churn", "0,20", "--s-tmin", "0.05",
+                 "--s-tmax", "50", "--s-noise", "1.007", "--bootstrap", "0", "--output-dir", str(tmp_path / "tune"),
+                 "--stats-cache", str(tmp_path / "cache"), "--no-progress", "--grid-images", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "2 settings, 2 distinct on this grid" in printed and "each group below ran once" not in printed

@@ -38,6 +38,12 @@ def test_help_states_the_defaults_that_run(capsys):
     assert "samples per churn setting (default 512); with --schedule: the search seeds (default 256)" in " ".join(tune_help.split())
     assert parser.parse_args(["bench"]).model == "mixture"
     assert "--output-dir" in bench_help and "--output-dir" in tune_help
+    # the default set as the registry has it: iPNDM and UniPC-3 rows, the DPM-Solver++ 3M row in the group "scheduler"
+    from edm_sampling.evaluation.samplers_registry import SAMPLER_GROUPS
+
+    assert "edm-dpmpp-3m-scheduler" in SAMPLER_GROUPS["scheduler"] and "edm-dpmpp-3m-scheduler" not in SAMPLER_GROUPS["default"]
+    assert "(iPNDM and UniPC order 3, each with and without the analytical first step)" in " ".join(bench_help.split())
+    assert "about 20 s on 2 CPU cores" in _help(capsys)
 
 
 @pytest.mark.parametrize("command", ["bench", "tune"])
@@ -88,3 +94,43 @@ def test_a_python_train_config_has_its_command_line():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert TrainConfig(**{k: v for k, v in args.items() if k in fields}) == config
     assert config_argv(TrainConfig()) == ["train"]
+
+
+def test_bench_without_matplotlib_prints_the_tables_and_says_how_to_get_the_plot(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "gaussian", "--samplers", "edm-euler,ddim", "--nfe", "3", "--num-samples", "4",
+                 "--output-dir", str(out), "--stats-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "best edm_sampling / best diffusers" in captured.out
+    notes = [line for line in captured.err.splitlines() if "matplotlib is not installed" in line]
+    assert len(notes) == 1 and "pip install 'edm_sampling[eval]'" in notes[0]
+    assert (out / "results.csv").exists() and (out / "grids" / "ddim_nfe3.png").exists()
+    assert not (out / "quality_vs_nfe.png").exists()
+
+
+def test_digits_without_scikit_learn_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    for argv in (["bench"], ["tune", "--schedule"]):
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--model", "digits", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert "--model: the built-in digits need scikit-learn" in err and "pip install 'edm_sampling[eval]'" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_import_error_ends_the_command_with_one_line(tmp_path, capsys, monkeypatch):
+    def missing(config, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'somepackage'", name="somepackage")
+
+    monkeypatch.setattr("edm_sampling.evaluation.sweep.run_sweep", missing)
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--output-dir", str(tmp_path / "out")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edm-sampling bench: error: No module named 'somepackage'") and len(err.strip().splitlines()) == 1

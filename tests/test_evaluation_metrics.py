@@ -113,3 +113,16 @@ def test_inception_file_of_the_wrong_shape_is_rejected(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read"):
         load_fid_inception(garbage)
+
+
+def test_inception_features_name_their_weights_file_by_size_and_time(inception_file):
+    """The cached reference statistics are keyed on the features' description: other weights
+    saved at the same path must give another key."""
+    import os
+
+    path, _ = inception_file
+    before = InceptionFeatures(path).describe((3, 8, 8))
+    status = path.stat()
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    after = InceptionFeatures(path).describe((3, 8, 8))
+    assert before["weights"] == after["weights"] and before != after

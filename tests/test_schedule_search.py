@@ -242,6 +242,8 @@ def _malformed(tmp_path):
         (["tune", "--schedule", "--solver", "heun", "--afs"], "--afs applies to the solvers"),
         (["tune", "--schedule", "--nfe", "40", "--candidates", "30"], "--candidates must be at least"),
         (["tune", "--schedule", "--coeff", "0,1"], "--coeff: give positive numbers"),
+        (["tune", "--schedule", "--coeff", ""], "argument --coeff: expected numbers separated by commas, got ''"),
+        (["tune", "--schedule", "--seed", "-5"], "--seed: "),
         (["tune", "--schedule", "--s-churn", "10"], "--s-churn: for the churn search only"),
         (["tune", "--solver", "ipndm"], "--solver: for the step schedule search only"),
         (["tune", "--nfe", "9,17"], "--nfe: the churn search runs at one NFE"),
@@ -269,3 +271,17 @@ def test_bad_input_is_one_clear_error_before_any_work(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1
     assert not out.exists()
+
+
+def test_schedule_files_of_other_solvers_stay_beside_a_new_one(tmp_path, capsys):
+    folder = tmp_path / "schedule"
+    quick = ("--nfe", "3", "--candidates", "8", "--no-refine")
+    assert main(_tune(tmp_path, "--solver", "euler", *quick, "--grid-images", "8")) == 0
+    assert "note: --grid-images does nothing with --schedule" in capsys.readouterr().err
+    euler = (folder / "schedule_euler.json").read_text()
+    assert main(_tune(tmp_path, "--solver", "ipndm", "--overwrite", *quick)) == 0
+    assert main(_tune(tmp_path, "--solver", "ipndm", "--overwrite", *quick, "--seed", "1")) == 0  # its own file is replaced
+    capsys.readouterr()
+    assert sorted(p.name for p in folder.glob("schedule_*.json")) == ["schedule_euler.json", "schedule_ipndm.json"]
+    assert (folder / "schedule_euler.json").read_text() == euler
+    assert json.loads((folder / "schedule_ipndm.json").read_text())["search"]["seed"] == 1

@@ -9,3 +9,17 @@
 
 Nothing heavy is imported here, so `import edm_sampling` stays light.
 """
+
+import importlib
+
+EVAL_EXTRA = "pip install 'edm_sampling[eval]'"
+"""How to get the optional dependencies of bench and tune (scikit-learn, matplotlib)."""
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` imports (an optional dependency: scikit-learn, matplotlib)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True

@@ -17,8 +17,9 @@ solution; `--model digits` the ideal denoiser of scikit-learn's 8x8 digits. It c
 EDM samplers (run as plain functions, and as EDMScheduler in a diffusers loop) with
 diffusers' DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS at equal NFE. By
 default it runs the first screen: the paper's Heun, our recommended EDMScheduler configurations
-(iPNDM, iPNDM with the analytical first step, UniPC order 3, DPM-Solver++ 3M) and diffusers'
-seven anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others.
+(iPNDM and UniPC order 3, each with and without the analytical first step) and diffusers' seven
+anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others
+(DPM-Solver++ 3M through EDMScheduler is in the group "scheduler").
 
 Quality, lower is better everywhere: the per-sample RMSE to the ODE solution from the same
 noise; the share of samples that end in another mode (mixture component, training image)
@@ -63,9 +64,12 @@ def _int_list(text: str) -> list[int]:
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.replace(",", " ").split()]
+        values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from error
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -80,7 +84,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int | Non
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="mixture",
                        help="'mixture' (default), 'gaussian' or 'digits' (built-in exact models), or a local diffusers folder "
-                            "(DDPM/DDIM UNet + scheduler, NCSN++ VE, an EDM model trained with this package, Stable Diffusion)")
+                            "(DDPM/DDIM UNet + scheduler, NCSN++ VE, an EDM model trained with this package, Stable Diffusion "
+                            "1.x / 2.x; not SDXL or transformer pipelines such as SD3 and Flux)")
     group.add_argument("--prompt", default=None, help="text prompt for a Stable Diffusion folder")
     group.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance for --prompt (default 7.5)")
     group.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
@@ -103,7 +108,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, num_samples: int | Non
                        help="output folder (default bench_results/<model>); --output is an alias")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the results in an existing output folder (only files edm_sampling wrote; yours are kept)")
-    group.add_argument("--grid-images", type=int, default=64, help="images per sample grid (0: no grids)")
+    group.add_argument("--grid-images", type=int, default=None,
+                       help=f"images per sample grid (default {GRID_IMAGES}; 0: no grids)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -161,6 +167,7 @@ def register(subparsers) -> None:
     tune.set_defaults(func=tune_main)
 
 
+GRID_IMAGES = 64
 SCHEDULE_NFE = (5, 9, 17)
 SCHEDULE_SAMPLES = 256
 CHURN_NFE = 35
@@ -188,7 +195,8 @@ def _config_from_args(args, **overrides):
         model=args.model, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         inception=args.inception, reference=args.reference, stats_cache=args.stats_cache, output=output,
         overwrite=args.overwrite, prompt=args.prompt, guidance_scale=args.guidance_scale, dtype=args.dtype,
-        grid_images=args.grid_images, progress=not args.no_progress, **overrides,
+        grid_images=GRID_IMAGES if args.grid_images is None else args.grid_images, progress=not args.no_progress,
+        **overrides,
     )
 
 
@@ -243,7 +251,7 @@ def tune_main(args) -> int:
     if len(nfe) != 1:
         raise ValueError(f"--nfe: the churn search runs at one NFE, got {nfe} (several NFEs: tune --schedule)")
     from ..safety import InvalidArgument
-    from .tune import run_tune
+    from .tune import run_tune, win_verdict
 
     churn = {flag[2:].replace("-", "_"): list(default) for flag, default, _ in CHURN_FLAGS}
     churn.update({k: v for k, v in vars(args).items() if k in churn and v is not None})
@@ -264,11 +272,11 @@ def tune_main(args) -> int:
           "deterministic sampler's, fd_delta_std: the std of that difference (same seeds)")
     print(format_table(result["grid"], columns))
     print()
+    grouped = [row for row in result["grid"] if row["same_as"]]
     print(f"{result['tested']} settings, {result['run']} distinct on this grid (gamma = min(S_churn/N, sqrt(2)-1) on the "
-          f"levels in [S_tmin, S_tmax]); each group below ran once:")
-    for row in result["grid"]:
-        if row["same_as"]:
-            print(f"  {_setting_group([[row['s_churn'], row['s_tmin'], row['s_tmax'], row['s_noise']]] + row['same_as'])}")
+          f"levels in [S_tmin, S_tmax])" + ("; each group below ran once:" if grouped else ""))
+    for row in grouped:
+        print(f"  {_setting_group([[row['s_churn'], row['s_tmin'], row['s_tmax'], row['s_noise']]] + row['same_as'])}")
     best = result["best"]
     print()
     print(f"best at NFE {best['nfe']}: S_churn={best['s_churn']:g} S_tmin={best['s_tmin']:g} S_tmax={best['s_tmax']:g} "
@@ -276,9 +284,7 @@ def tune_main(args) -> int:
           f"(deterministic: {result['deterministic_fd']:.4g})")
     churned = [r for r in result["grid"] if r["s_churn"] > 0 and r["fd_delta_std"] == r["fd_delta_std"]]
     if best["s_churn"] > 0 and churned:
-        margin = -best["fd_delta"] / best["fd_delta_std"] if best["fd_delta_std"] > 0 else float("inf")
-        verdict = "a real win" if margin >= 2 else "within the noise: not a reliable win"
-        print(f"its gain over the deterministic sampler: {-best['fd_delta']:.3g} = {margin:.1f} std of the paired difference: {verdict}")
+        print(win_verdict(-best["fd_delta"], best["fd_delta_std"], len(churned)))
     elif churned:
         nearest = churned[0]
         print(f"no churn setting beats the deterministic sampler; the best one is worse by {nearest['fd_delta']:.3g} "
@@ -307,6 +313,9 @@ def schedule_main(args) -> int:
         if value is not None:
             print(f"note: {flag} does nothing with --schedule: grids are scored by their error to the ODE solution",
                   file=sys.stderr)
+    if args.grid_images is not None:
+        print("note: --grid-images does nothing with --schedule: the search writes a schedule file, no samples",
+              file=sys.stderr)
     result = run_schedule_search(args.model, solver, args.afs, args.nfe or list(SCHEDULE_NFE), settings, output,
                                  overwrite=args.overwrite, prompt=args.prompt, guidance_scale=args.guidance_scale,
                                  dtype=args.dtype, progress=not args.no_progress)

@@ -57,14 +57,18 @@ class InceptionFeatures:
 
     def __init__(self, path, device: str | torch.device = "cpu", batch_size: int = 50) -> None:
         from .inception import load_fid_inception
+        from .metrics import files_fingerprint
 
         self.path = str(path)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = load_fid_inception(path, device=self.device)
+        self.fingerprint = files_fingerprint([path])
 
     def describe(self, shape: tuple[int, ...]) -> dict:
-        return {"features": "inception-v3-pool3", "weights": self.path, "dim": 2048}
+        """The features, and the weights file by path and by (size, modification time): the
+        cached reference statistics of other weights at the same path are not reused."""
+        return {"features": "inception-v3-pool3", "weights": self.path, "weights_file": self.fingerprint, "dim": 2048}
 
     @property
     def name(self) -> str:

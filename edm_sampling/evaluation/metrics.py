@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,6 +133,16 @@ def _to_numpy(value):
     if hasattr(value, "detach"):
         return value.detach().cpu().double().numpy()
     return value
+
+
+def files_fingerprint(paths: Sequence[str | Path]) -> str:
+    """A short hash of each file's name, size and modification time (ns): what keys a cache on
+    files that may change (the --reference images, the --inception weights) without reading them."""
+    stats = []
+    for path in map(Path, paths):
+        status = path.stat()
+        stats.append((path.name, status.st_size, status.st_mtime_ns))
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def stats_cache_key(**parts) -> str:

@@ -50,6 +50,8 @@ class BenchModel:
     `data_draws(n, draw)`: n true data images (draw = 0, 1, ...: different draws) for the FD
     noise-floor estimate; None where the data cannot be drawn.
     `num_classes`: class-conditional models get one label per seed.
+    `modules`: the other torch modules the callables use (a Stable Diffusion folder's VAE in
+    `to_image`, its text encoder), moved with the rest by `to`.
     """
 
     name: str
@@ -68,9 +70,11 @@ class BenchModel:
     data_draws: Callable[[int, int], torch.Tensor] | None = None
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
+    modules: tuple = ()
 
-    def to(self, device: torch.device) -> "BenchModel":
-        for part in (self.denoiser, self.unet):
+    def to(self, device: torch.device | str) -> "BenchModel":
+        """Every torch module the model holds (denoiser, UNet, `modules`) moved to `device`."""
+        for part in (self.denoiser, self.unet, *self.modules):
             if isinstance(part, torch.nn.Module):
                 part.to(device)
         return self
@@ -167,6 +171,15 @@ def _load_component(root: Path, name: str, spec: Any) -> Any:
         raise InvalidArgument("model", f"cannot load component {name!r} ({class_name}) from {root / name}: {error}") from error
 
 
+def check_model_dependencies(name: str | Path) -> None:
+    """`InvalidArgument` before any work when a built-in model needs an optional package that
+    is missing (the digits: scikit-learn, which ships them offline)."""
+    from . import EVAL_EXTRA, module_available
+
+    if str(name) == "digits" and not module_available("sklearn"):
+        raise InvalidArgument("model", f"the built-in digits need scikit-learn, which is not installed: {EVAL_EXTRA}")
+
+
 def check_model_folder(path: str | Path) -> dict:
     """Validate a diffusers folder and return its model_index.json (before anything is loaded):
     every component's JSON files are read (`safety.inputs.read_pipeline_index`)."""
@@ -179,6 +192,17 @@ def check_model_folder(path: str | Path) -> dict:
             "model", f"{root} is not a diffusers model folder (no model_index.json); save one with pipeline.save_pretrained(path)"
         )
     index = read_pipeline_index("model", root)
+    pipeline = index.get("_class_name", "a pipeline")
+    if "transformer" in index:
+        raise InvalidArgument("model", f"{root} is a transformer pipeline ({pipeline}: SD3, Flux and the like); bench does not "
+                                       "support transformer (flow) pipelines yet: it runs UNet folders (DDPM / DDIM, "
+                                       "NCSN++, EDM, Stable Diffusion 1.x / 2.x)")
+    unet_config = root / "unet" / "config.json"
+    added = read_json_object("model", unet_config).get("addition_embed_type") if unet_config.is_file() else None
+    if "text_encoder_2" in index or added is not None:
+        raise InvalidArgument("model", f"{root} is a {pipeline} folder whose UNet takes added conditioning "
+                                       f"(addition_embed_type {added!r}: SDXL's pooled text embeddings and image sizes); "
+                                       "bench does not support SDXL's added conditioning yet")
     if "unet" not in index:
         raise InvalidArgument("model", f"{root} has no 'unet' component in model_index.json (components: {sorted(k for k in index if not k.startswith('_'))})")
     if "scheduler" not in index or not (root / "scheduler" / "scheduler_config.json").is_file():
@@ -195,7 +219,7 @@ def load_model(
 ) -> BenchModel:
     """A `BenchModel` from a built-in name or a local diffusers folder (see the module docstring)."""
     if str(path) in BUILTIN_MODELS:
-        return builtin_model(str(path))
+        return builtin_model(str(path)).to(device)
     root = Path(path)
     index = check_model_folder(root)
     scheduler_config = read_json_object("model", root / "scheduler" / "scheduler_config.json")
@@ -298,7 +322,7 @@ def _stable_diffusion_model(root, index, unet, scheduler_config, prompt, guidanc
     lo, hi = clamp_sigma_range(EDM_SIGMA_MIN, EDM_SIGMA_MAX, reading.family.sigma_min, reading.family.sigma_max)
     return BenchModel(
         name=root.name, denoiser=denoiser, sample_shape=shape, sigma_min=lo, sigma_max=hi, unet=net,
-        scheduler_config=scheduler_config, to_image=to_image,
+        scheduler_config=scheduler_config, to_image=to_image, modules=(vae, text_encoder),
         info={"model": str(root), "pipeline": index.get("_class_name"), "prompt": prompt,
               "guidance_scale": guidance_scale, "image_size": [s * vae_factor for s in size]},
     )

@@ -12,7 +12,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -32,6 +32,8 @@ COLUMNS = (
     "fd",
     "sec_per_sample",
     "num_samples",
+    "start_sigma",
+    "from_prior",
 )
 OURS, DIFFUSERS = "edm_sampling", "diffusers"
 OUTPUT_FILES = ("results.csv", "results.json", "quality_vs_nfe.png")
@@ -79,27 +81,76 @@ METRIC_LABELS = {
     "fd": "Frechet distance to the data",
 }
 STOCHASTIC_MARK = "(stoch.)"
+NOT_FROM_PRIOR_MARK = "!"
+PRIOR_START_FRACTION = 0.5
+"""A run starts from the prior when its first noise level is at least this fraction of the
+model's sigma_max (every sampler's grid starts at or near it; diffusers' linspace Euler / Heun
+at one step start at sigma(t = 0) = 0.01 instead)."""
+REFERENCE_MARK = "(ref)"
+
+
+def starts_from_prior(start_sigma: float | None, sigma_max: float) -> bool:
+    """start_sigma >= PRIOR_START_FRACTION x sigma_max (True where the start is unknown)."""
+    return start_sigma is None or start_sigma >= PRIOR_START_FRACTION * sigma_max
+
+
+def from_prior(row: dict) -> bool:
+    """A result row's `from_prior` flag (`starts_from_prior`); rows without it count as such."""
+    return bool(row.get("from_prior", True))
 
 
 def best_per_nfe(rows: Sequence[dict], value: str) -> dict[int, float]:
-    """The smallest finite `value` at each target NFE (over all samplers)."""
+    """The smallest finite `value` at each target NFE over the samplers that start from the
+    prior: one that starts near sigma = 0 (diffusers' linspace Euler / Heun at one step) returns
+    almost its input, which lies near its own ODE solution, and would win with garbage."""
     best: dict[int, float] = {}
     for r in rows:
         v = float(r.get(value, math.nan))
-        if math.isfinite(v):
+        if math.isfinite(v) and from_prior(r):
             best[r["nfe_target"]] = min(v, best.get(r["nfe_target"], math.inf))
     return best
 
 
-def family_ratio(rows: Sequence[dict], value: str) -> dict[int, float]:
-    """Per target NFE: best of our samplers / best of diffusers' (< 1: ours is better); NaN
-    where either family has no finite value or diffusers' best is 0."""
+def family_ratio(rows: Sequence[dict], value: str, skip: Collection[int] = ()) -> dict[int, float]:
+    """Per target NFE: best of our samplers / best of diffusers' (< 1: ours is better), each
+    over the rows that start from the prior; NaN where either family has no finite value,
+    diffusers' best is 0, or the NFE is in `skip`."""
     best = {family: best_per_nfe([r for r in rows if r.get("family") == family], value) for family in (OURS, DIFFUSERS)}
     ratios = {}
     for nfe in sorted({r["nfe_target"] for r in rows}):
         ours, theirs = best[OURS].get(nfe, math.nan), best[DIFFUSERS].get(nfe, math.nan)
-        ratios[nfe] = ours / theirs if theirs > 0 else math.nan
+        ratios[nfe] = ours / theirs if theirs > 0 and nfe not in skip else math.nan
     return ratios
+
+
+REFERENCE_ACCURACY_FACTOR = 0.1
+"""An NFE's ODE errors measure the samplers only where the reference's own estimated error is at
+most this fraction of the best median error there (else it is as much the reference's error)."""
+
+
+def reference_limited_nfes(rows: Sequence[dict], check: dict | None) -> list[int]:
+    """The target NFEs where the Heun reference's estimated error (`check`, from `sweep`'s step
+    halving) exceeds REFERENCE_ACCURACY_FACTOR x the best median ODE error: there the error
+    table cannot rank the samplers. Empty without a check (exact references)."""
+    if not check:
+        return []
+    best = best_per_nfe(rows, "error_median")
+    return sorted(n for n, v in best.items() if check["estimated_error"] > REFERENCE_ACCURACY_FACTOR * v)
+
+
+def _not_from_prior_note(rows: Sequence[dict], sigma_max: float | None) -> str | None:
+    """The report's line naming the rows that do not start from the prior, or None."""
+    starts: dict[tuple[str, float], list[int]] = {}
+    for r in rows:
+        if not from_prior(r):
+            starts.setdefault((r["sampler"], float(r["start_sigma"])), []).append(r["nfe_target"])
+    if not starts:
+        return None
+    below = f" (below {PRIOR_START_FRACTION:g} x the model's sigma_max {sigma_max:.4g})" if sigma_max else ""
+    runs = "; ".join(f"{name} at NFE {', '.join(map(str, nfes))} starts at sigma {start:.3g}"
+                     for (name, start), nfes in starts.items())
+    return (f"{NOT_FROM_PRIOR_MARK}: not from the prior{below}: {runs}; such a run returns almost its input, which is "
+            "close to the ODE solution from that start: left out of the best marks (*) and the ratio lines")
 
 
 def _cell(value: str, row: dict) -> str:
@@ -109,11 +160,13 @@ def _cell(value: str, row: dict) -> str:
     return f"{100 * v:.1f}%" if value == "mode_mismatch" else _format(v)
 
 
-def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
+def pivot_table(rows: Sequence[dict], value: str = "error_median", skip_ratio: Collection[int] = ()) -> str:
     """Samplers as rows, target NFE as columns, `value` in the cells, lower is better: '*'
-    marks the best at each NFE, the measured NFE follows in brackets where it differs from
-    the target, stochastic samplers say so where they have no value, and a last row gives
-    best edm_sampling / best diffusers when both families are present."""
+    marks the best at each NFE, '!' a run that does not start from the prior (never marked
+    best), the measured NFE follows in brackets where it differs from the target, stochastic
+    samplers say so where they have no value, and a last row gives best edm_sampling / best
+    diffusers when both families are present ("(ref)" at the NFEs of `skip_ratio`, where the
+    ODE reference is not accurate enough to rank them)."""
     targets = sorted({r["nfe_target"] for r in rows})
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
@@ -129,7 +182,10 @@ def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
                 continue
             text = _cell(value, r)
             v = float(r.get(value, math.nan))
-            text += "*" if math.isfinite(v) and v <= best.get(t, math.nan) else " "
+            if not from_prior(r):
+                text += NOT_FROM_PRIOR_MARK
+            else:
+                text += "*" if math.isfinite(v) and v <= best.get(t, math.nan) else " "
             if r.get("nfe") != t:
                 text = f"({r.get('nfe')}) " + text
             line.append(text)
@@ -137,8 +193,9 @@ def pivot_table(rows: Sequence[dict], value: str = "error_median") -> str:
     families = {r.get("family") for r in rows}
     footer = []
     if {OURS, DIFFUSERS} <= families:
-        ratios = family_ratio(rows, value)
-        footer.append(["best edm_sampling / best diffusers"] + [_format(ratios[t]) + "x" if math.isfinite(ratios[t]) else "- "
+        ratios = family_ratio(rows, value, skip_ratio)
+        footer.append(["best edm_sampling / best diffusers"] + [_format(ratios[t]) + "x" if math.isfinite(ratios[t])
+                                                                else REFERENCE_MARK if t in skip_ratio else "- "
                                                                 for t in targets])
     table = [header] + body + footer
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -158,11 +215,13 @@ def format_report(result: dict) -> str:
     """What `edm-sampling bench` prints: which sampler set ran, the pivot tables, what is missing
     and why, the FD of true data with its noise, the reference's accuracy, and the notes."""
     rows, meta = result["rows"], result["meta"]
+    check = meta.get("ode_reference_check")
+    limited = reference_limited_nfes(rows, check)
     parts = [meta["sampler_set"]] if meta.get("sampler_set") else []
     if any(math.isfinite(float(r["error_median"])) for r in rows):
-        parts.append(pivot_table(rows, "error_median"))
+        parts.append(pivot_table(rows, "error_median", limited))
     if any(math.isfinite(float(r.get("mode_mismatch", math.nan))) for r in rows):
-        parts.append(pivot_table(rows, "mode_mismatch"))
+        parts.append(pivot_table(rows, "mode_mismatch", limited))
     if any(math.isfinite(float(r["fd"])) for r in rows):
         parts.append(pivot_table(rows, "fd"))
     legend = [f"model: {meta['model']} ({meta['model_info'].get('model', '')})",
@@ -179,11 +238,18 @@ def format_report(result: dict) -> str:
         legend.append("mode: the mixture component (most likely at noise 0.2) or the nearest training image of a sample; "
                       f"a fraction p of {n} samples is uncertain by +- sqrt(p (1 - p) / {n}) "
                       f"(2% +- {100 * math.sqrt(0.02 * 0.98 / max(n, 1)):.1f}%)")
-    check = meta.get("ode_reference_check")
+    prior = _not_from_prior_note(rows, meta.get("sigma_max"))
+    if prior:
+        legend.append(prior)
     if check:
         text = (f"reference accuracy: {check['steps']} vs {check['steps'] // 2} Heun steps differ by at most "
                 f"{check['half_steps_rmse_max']:.2e} RMSE (its own error ~{check['estimated_error']:.1e})")
         legend.append(text)
+    if limited:
+        legend.append(f"note: the ODE reference is not accurate enough at NFE {', '.join(map(str, limited))}: its estimated "
+                      f"error {check['estimated_error']:.2g} is more than {REFERENCE_ACCURACY_FACTOR:g} x the best median "
+                      f"error there, so those errors are as much the reference's: {REFERENCE_MARK} in the ratio lines; "
+                      f"raise --reference-steps (now {check['steps']})")
     floor = meta.get("fd_floor")
     if floor:
         legend.append(f"FD of {floor['num_samples']} true data draws (no sampler error, only sampling noise): "

@@ -20,8 +20,9 @@ the paper's VP, VE and iDDPM discretizations (the Figure 2 ablation), Heun throu
 variable-step iPNDM, DPM-Solver++ 2M / 3M, UniPC, DEIS) on its default grid, each also with
 the analytical first step (AFS: the first model call replaced by the data-mean estimate), and
 the recommended configurations through `EDMScheduler` in the scheduler loop (what a pipeline
-user gets): iPNDM (order 3, logsnr grid), iPNDM with AFS, UniPC of order 3 with and without AFS
-(the best of ours per NFE range in benchmarks/low_nfe_accuracy.py), and DPM-Solver++(3M).
+user gets): iPNDM (order 3, logsnr grid) and UniPC of order 3, each with and without AFS (the
+best of ours per NFE range in benchmarks/low_nfe_accuracy.py); DPM-Solver++(3M) through
+`EDMScheduler` is outside the default set (group "scheduler").
 
 Groups (`SAMPLER_GROUPS`, usable in `--samplers` beside names): "default", the first screen
 (the paper's Heun, the recommended EDMScheduler rows, diffusers' seven anchors); "paper", the
@@ -38,7 +39,9 @@ best low-step behaviour (read from the diffusers 0.42 sources):
   and `timestep_spacing="linspace"`. These two build the Karras grid between the sigmas of
   their spaced timesteps: "linspace" includes t = 999 and t = 0, so the grid spans the full
   0.01..157; "leading" would start at t = 800 (sigma 26) and "trailing" stop at sigma 0.72 at
-  5 steps. `final_sigmas_type="zero"` (Euler; Heun always ends at 0).
+  5 steps. `final_sigmas_type="zero"` (Euler; Heun always ends at 0). At one step "linspace"
+  gives the single timestep t = 0: they start at sigma 0.01, not from the prior, and the report
+  leaves such runs out of the best marks and the ratio lines (`report.PRIOR_START_FRACTION`).
 - dpmpp-2m-karras / dpmpp-3m-karras: DPMSolverMultistepScheduler, dpmsolver++, order 2 / 3,
   midpoint solver type, Karras sigmas over the full trained range, `lower_order_final=True`
   (diffusers' advice for < 15 steps), `final_sigmas_type="zero"`.
@@ -156,7 +159,7 @@ def _recommended_rows() -> list[SamplerSpec]:
 
 
 def _other_scheduler_rows() -> list[SamplerSpec]:
-    """EDMScheduler configurations outside the default set (group "core" and "all")."""
+    """EDMScheduler configurations outside the default set (groups "scheduler" and "all")."""
     return [edm_scheduler_row("edm-dpmpp-3m-scheduler", "EDMScheduler(solver='dpmpp_3m'): DPM-Solver++(3M), logsnr grid",
                               "dpmpp_3m")]
 

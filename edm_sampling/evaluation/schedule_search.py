@@ -307,7 +307,10 @@ class SearchSettings:
 
     def check(self) -> None:
         """A ValueError naming the flag for a setting out of range."""
+        from ..safety.inputs import SEED
+
         candidate_levels(self.candidates, 1.0, 2.0)
+        SEED.check("seed", self.seed)
         if not self.coeffs or any(not (math.isfinite(c) and c > 0) for c in self.coeffs):
             raise ValueError(f"--coeff: give positive numbers, got {list(self.coeffs)}")
         for flag, value, least in (("--num-samples", self.search_samples, 2), ("--holdout-samples", self.holdout_samples, 2),
@@ -510,11 +513,12 @@ def search_schedules(problem: SearchProblem, nfes: Sequence[int], settings: Sear
 # --- the command: `edm-sampling tune --schedule` and bench's `--schedule-file` ---------------------
 
 
-def model_problem(model: Any, solver: str, afs: bool) -> SearchProblem:
+def model_problem(model: Any, solver: str, afs: bool, device: torch.device | str = "cpu") -> SearchProblem:
     """The search problem of a bench model (`models.BenchModel`): its denoiser, and the range
     and default grid `EDMScheduler.from_config(model's scheduler config, solver=..., afs=...)`
     samples with, so the file serves that scheduler; models without a DDPM-family scheduler
-    config (VE, EDM folders) use their sampling range and `solvers.solver_sigmas`."""
+    config (VE, EDM folders) use their sampling range and `solvers.solver_sigmas`. Class labels
+    are made on `device`, where the model runs."""
     from ..solvers import solver_sigmas
     from .samplers_registry import build_scheduler, edm_scheduler_row
 
@@ -534,12 +538,18 @@ def model_problem(model: Any, solver: str, afs: bool) -> SearchProblem:
             return solver_sigmas(solver, nfe, lo, hi, afs=afs)
 
     return SearchProblem(model.denoiser, tuple(model.sample_shape), solver, afs, lo, hi, default_grid,
-                         lambda seeds: model.class_labels(seeds, torch.device("cpu")), model.exact_solution is not None)
+                         lambda seeds: model.class_labels(seeds, torch.device(device)), model.exact_solution is not None)
 
 
 def schedule_file_name(solver: str, afs: bool) -> str:
     """The file `tune --schedule` writes in its output folder."""
     return f"schedule_{solver}{'_afs' if afs else ''}.json"
+
+
+def is_schedule_file_name(name: str) -> bool:
+    """Whether `name` (relative to an output folder) is a file `tune --schedule` writes there:
+    one per solver, side by side (`schedule_file_name`)."""
+    return "/" not in name and name.startswith("schedule_") and name.endswith(".json")
 
 
 def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int], settings: SearchSettings,
@@ -551,7 +561,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
 
     from ..safety import RunFolder
     from ..schedules import schedule_file_json
-    from .models import BUILTIN_MODELS, check_model_folder
+    from .models import BUILTIN_MODELS, check_model_dependencies, check_model_folder
     from .report import check_output_dir, write_json
     from .sweep import DTYPES, _versions
 
@@ -559,6 +569,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
     check_search(solver, afs, list(nfes), settings.candidates)
     if str(model) not in BUILTIN_MODELS:
         check_model_folder(model)
+    check_model_dependencies(model)
     check_output_dir(output, overwrite)
     with RunFolder(output) as folder:  # one job per folder; a user's file at the output is refused, never replaced
         check_output_dir(output, overwrite)
@@ -567,6 +578,7 @@ def run_schedule_search(model: str, solver: str, afs: bool, nfes: Sequence[int],
         meta["versions"] = _versions()
         path = Path(output) / schedule_file_name(solver, afs)
         write_json(schedule_file_json([r["grid"] for r in result["results"]], **meta), path)
+        folder.keep(name for name in folder.own_files() if is_schedule_file_name(name))  # other solvers' files stay
         folder.commit()
     return {**result, "path": str(path), "meta": meta}
 
@@ -580,10 +592,11 @@ def _search(model: str, solver: str, afs: bool, nfes: Sequence[int], settings: S
     if str(model) in BUILTIN_MODELS:
         torch.set_num_threads(1)  # the oracles' tensors are small: threads do not pay off
     try:
-        bench_model = load_model(model, prompt=prompt, guidance_scale=guidance_scale, dtype=dtype)
-        problem = model_problem(bench_model, solver, afs)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        bench_model = load_model(model, prompt=prompt, guidance_scale=guidance_scale, device=device, dtype=dtype)
+        problem = model_problem(bench_model, solver, afs, device)
         log = (lambda text: print(f"tune --schedule: {text}", flush=True)) if progress else None
-        result = search_schedules(problem, nfes, settings, log=log)
+        result = search_schedules(problem, nfes, settings, device=device, log=log)
     finally:
         torch.set_num_threads(threads)
     meta = {

@@ -23,7 +23,8 @@
    many true data draws (mean +- std over a few draws), the score of a perfect sampler.
 4. Wall time per sample and the model calls actually made.
 
-Seeds are split into fixed chunks of `batch_size`; chunk k runs on process k mod P. Every
+Seeds are split into fixed chunks of `batch_size` (at most num_samples / P, so that every
+process gets work); chunk k runs on process k mod P. Every
 sample draws its noise from its own generator seeded with its seed, so the numbers do not
 depend on the number of processes (`accelerate launch --num_processes P`).
 """
@@ -37,13 +38,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..safety.inputs import SEED, InvalidArgument, Number, check_bool, check_choice, existing_path, output_folder
-from . import metrics
+from . import EVAL_EXTRA, metrics, module_available
 from .samplers_registry import (
     DEFAULT_NFE,
     SAMPLER_GROUPS,
@@ -122,12 +123,13 @@ class SweepConfig:
             existing_path("inception", self.inception)
         if self.reference is not None:
             check_reference(self.reference)
-        from .models import BUILTIN_MODELS, check_model_folder
+        from .models import BUILTIN_MODELS, check_model_dependencies, check_model_folder
 
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidArgument("model", f"must be a built-in model {BUILTIN_MODELS} or a folder, got {self.model!r}")
         if str(self.model) not in BUILTIN_MODELS:
             check_model_folder(self.model)
+        check_model_dependencies(self.model)
         return specs
 
 
@@ -177,9 +179,12 @@ def check_reference(reference: Any) -> None:
             raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
 
 
-def _chunks(num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
+def _chunks(num_samples: int, batch_size: int, seed: int, world: int = 1) -> list[list[int]]:
+    """The seeds in chunks of at most `batch_size`, and of at most ceil(num_samples / world) so
+    that each of `world` processes gets work (chunk k runs on process k mod world)."""
+    size = min(batch_size, -(-num_samples // world))
     seeds = list(range(seed, seed + num_samples))
-    return [seeds[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    return [seeds[i : i + size] for i in range(0, num_samples, size)]
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -270,22 +275,50 @@ def _default_cache_dir() -> Path:
     return Path(base) / "edm_sampling" / "fd_stats"
 
 
-def _load_reference_images(path: Path, channels: int = 3, limit: int | None = None) -> torch.Tensor:
-    """The first ``limit`` (all) images of a folder as [N, C, H, W] in [-1, 1], converted to the
-    samples' channel count; `InvalidArgument` naming a file that does not decode."""
+def _load_reference_images(path: Path, image_shape: Sequence[int], limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` (all) images of a folder as [N, C, H, W] in [-1, 1], in the samples'
+    `image_shape` (C, H, W): converted to their channel count and, where another size, resized
+    to theirs (bicubic, antialiased: as FID pipelines resize real images to the size compared);
+    `InvalidArgument` naming a file that does not decode."""
     from PIL import Image
 
+    channels, height, width = image_shape
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for file in reference_image_files(path)[:limit]:
         try:
             with Image.open(file) as image:
-                arrays.append(np.asarray(image.convert(mode), dtype=np.float32).reshape(image.height, image.width, -1))
+                image = image.convert(mode)
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.Resampling.BICUBIC)
+                arrays.append(np.asarray(image, dtype=np.float32).reshape(height, width, -1))
         except Exception as error:  # PIL raises many types for damaged files
             raise InvalidArgument("reference", f"cannot read the image {file}: {error or type(error).__name__}") from None
-    if len({a.shape for a in arrays}) != 1:
-        raise InvalidArgument("reference", f"the images in {path} must all have one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def reference_image_sizes(path: Path) -> list[tuple[int, int]]:
+    """The distinct (width, height) of a --reference folder's images (headers only), sorted."""
+    from PIL import Image
+
+    sizes = set()
+    for file in reference_image_files(path):
+        with Image.open(file) as image:
+            sizes.add(image.size)
+    return sorted(sizes)
+
+
+def _resize_note(config: SweepConfig, image_shape: Sequence[int]) -> str | None:
+    """The note saying that the --reference images are resized to the samples' size, or None."""
+    if config.reference is None or config.reference.endswith(".npz"):
+        return None
+    target = (image_shape[2], image_shape[1])
+    other = [size for size in reference_image_sizes(Path(config.reference)) if size != target]
+    if not other:
+        return None
+    sizes = ", ".join(f"{w}x{h}" for w, h in other)
+    return (f"--reference images of {sizes} are resized to the samples' {target[0]}x{target[1]} (bicubic, antialiased, "
+            "as FID pipelines resize real images) before their features are taken")
 
 
 def reference_statistics(config: SweepConfig, model, features, image_shape) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -298,8 +331,10 @@ def reference_statistics(config: SweepConfig, model, features, image_shape) -> t
                                  f"the samples' {features.name} features are {dim}-d")
             return data["mu"], data["sigma"], {"source": config.reference}
     if config.reference is not None:
-        images_fn = lambda: _load_reference_images(Path(config.reference), image_shape[0])  # noqa: E731
-        description = {"data": str(Path(config.reference).resolve())}
+        folder = Path(config.reference)
+        images_fn = lambda: _load_reference_images(folder, image_shape)  # noqa: E731
+        description = {"data": str(folder.resolve()), "files": metrics.files_fingerprint(reference_image_files(folder)),
+                       "image_shape": list(image_shape)}
     elif model.reference_images is not None:
         images_fn, description = model.reference_images, dict(model.reference_description)
     else:
@@ -336,6 +371,9 @@ def _notes(config: SweepConfig, specs: list[SamplerSpec], nfes: list[int], model
     if not fd_available:
         notes.append("Frechet distance skipped: a --model folder has no reference data; give --reference "
                      "(a folder of images or an .npz with mu and sigma)")
+    if config.output is not None and not module_available("matplotlib"):
+        notes.append(f"no plots (quality_vs_nfe.png, tune.png): matplotlib is not installed ({EVAL_EXTRA}); the tables, "
+                     "CSV, JSON and sample grids are written")
     if config.reference_steps == 0 and config.ode_errors:
         notes.append("ODE error skipped: --reference-steps 0")
     elif model.exact_solution is not None and config.reference_steps != SweepConfig.reference_steps:
@@ -459,11 +497,11 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
         names = [s.name for s in specs if s.runner == "scheduler"]
         raise InvalidArgument("samplers", f"{names} need a discrete VP (DDPM-family) model; {config.model} is not one")
 
-    chunks = _chunks(config.num_samples, config.batch_size, config.seed)
+    chunks = _chunks(config.num_samples, config.batch_size, config.seed, world)
     mine = [k for k in range(len(chunks)) if k % world == rank]
     inputs = agree(gather, lambda: _read_inputs(config, model, features, device, dtype) if rank == 0 else None)
     fd_available = config.reference is not None or model.reference_images is not None
-    notes = _notes(config, specs, nfes, model, skipped, fd_available)
+    notes = _notes(config, specs, nfes, model, skipped, fd_available) + (inputs["notes"] if inputs else [])
     if rank == 0 and not config.quiet:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
@@ -501,12 +539,13 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
                     if reference_modes is not None:
                         mismatch = (_modes(model, out.sample) != reference_modes).numpy()
                 records.append({"sampler": spec.name, "nfe_target": nfe, "chunk": k, "steps": out.steps, "nfe": out.nfe,
-                                "seconds": out.seconds, "errors": errors, "mismatch": mismatch,
+                                "seconds": out.seconds, "start_sigma": out.start_sigma, "errors": errors, "mismatch": mismatch,
                                 "sample": out.sample.detach().float().cpu()})
                 bar.update(len(seeds))
     bar.close()
     records = gather(records)
     checks = gather([ref_check])
+    per_process = gather([my_samples])
     if rank != 0:
         barrier()
         return {}
@@ -517,6 +556,7 @@ def _sweep(config, specs, nfes, model, rank, world, device, gather, barrier) -> 
     result["meta"]["sampler_set"] = sampler_set_line(config.samplers, [s.name for s in specs], added, config.schedule_file)
     result["meta"]["wall_time_s"] = time.perf_counter() - wall_start
     result["meta"]["num_processes"] = world
+    result["meta"]["samples_per_process"] = per_process
     if config.output is not None:
         write_outputs(config, result, model)
     barrier()
@@ -531,11 +571,14 @@ def _read_inputs(config: SweepConfig, model, features, device, dtype) -> dict[st
         image_shape = tuple(model.to_image(torch.zeros(1, *model.sample_shape, device=device, dtype=dtype)).shape[1:])
     truth = None
     if config.output is not None and config.grid_images:
-        truth = _true_images(config, model, config.grid_images, image_shape[0])
-    return {"statistics": reference_statistics(config, model, features, image_shape), "true_images": truth}
+        truth = _true_images(config, model, config.grid_images, image_shape)
+    return {"statistics": reference_statistics(config, model, features, image_shape), "true_images": truth,
+            "notes": [note for note in [_resize_note(config, image_shape)] if note]}
 
 
 def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -> dict[str, Any]:
+    from .report import starts_from_prior
+
     by_run: dict[tuple, list] = {}
     for r in records:
         by_run.setdefault((r["sampler"], r["nfe_target"]), []).append(r)
@@ -550,7 +593,9 @@ def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -
             measured = sorted({p["nfe"] for p in parts})
             row = {"sampler": spec.name, "family": spec.family, "stochastic": spec.stochastic, "steps": parts[0]["steps"],
                    "nfe_target": nfe, "nfe": measured[-1], "num_samples": int(sample.shape[0]),
-                   "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0]}
+                   "sec_per_sample": sum(p["seconds"] for p in parts) / sample.shape[0],
+                   "start_sigma": parts[0]["start_sigma"],
+                   "from_prior": starts_from_prior(parts[0]["start_sigma"], model.sigma_max)}
             if any(p["errors"] is not None for p in parts):
                 row.update(metrics.summarize_errors(np.concatenate([p["errors"] for p in parts])))
             else:
@@ -568,6 +613,7 @@ def _assemble(config, specs, nfes, model, features, records, ref_check, stats) -
     meta = {
         "model": config.model,
         "model_info": model.info,
+        "sigma_max": model.sigma_max,
         "samplers": {s.name: {"family": s.family, "description": describe(s), "runner": s.runner} for s in specs},
         "features": features.name,
         "feature_info": features.describe(image_shape),
@@ -634,11 +680,12 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
     rows, meta = result["rows"], result["meta"]
     write_csv(rows, out / "results.csv", COLUMNS)
     write_json({"rows": rows, "meta": meta}, out / "results.json")
-    plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
-                        f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
+    if module_available("matplotlib"):
+        plot_quality_vs_nfe(rows, out / "quality_vs_nfe.png", title=f"{config.model}: quality vs model calls, "
+                            f"{config.num_samples} samples per point", fd_floor=meta.get("fd_floor"))
     if config.grid_images:
-        channels = next(iter(result["samples"].values())).shape[1]
-        truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, channels)
+        shape = next(iter(result["samples"].values())).shape[1:]
+        truth = result["true_images"] if "true_images" in result else _true_images(config, model, config.grid_images, shape)
         lookup = {(r["sampler"], r["nfe_target"]): r for r in rows}
         for (name, nfe), images in result["samples"].items():
             row = lookup[(name, nfe)]
@@ -650,11 +697,11 @@ def write_outputs(config: SweepConfig, result: dict[str, Any], model=None) -> Pa
     return out
 
 
-def _true_images(config: SweepConfig, model, n: int, channels: int) -> torch.Tensor | None:
+def _true_images(config: SweepConfig, model, n: int, image_shape: Sequence[int]) -> torch.Tensor | None:
     """n data images to show beside the samples: draws of a built-in model, or the first of a
-    --reference image folder; None when neither exists."""
+    --reference image folder in the samples' `image_shape`; None when neither exists."""
     if config.reference is not None and not config.reference.endswith(".npz"):
-        return _load_reference_images(Path(config.reference), channels, limit=n)
+        return _load_reference_images(Path(config.reference), image_shape, limit=n)
     if model is not None and model.data_draws is not None:
         return model.data_draws(n, 0)
     return None

@@ -11,19 +11,21 @@ Two things keep the search honest:
   each group runs once and lists the settings it stands for.
 - The FD's noise is reported: a bootstrap over the samples gives each setting's FD std, and
   resampling the same seeds for every setting (the runs share their noise seeds) gives the std
-  of its FD difference to the deterministic sampler. A win smaller than about two of those
-  is noise.
+  of its FD difference to the deterministic sampler. The best of K settings counts as a real
+  win only past Bonferroni's threshold, Phi^-1(1 - 0.025 / K) of those std (`win_threshold`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..safety.inputs import InvalidArgument, Number
+from . import module_available
 from .samplers_registry import SAMPLERS, ours_names, with_churn
 
 Setting = tuple[float, float, float, float]
@@ -87,6 +89,26 @@ def bootstrap_fd(features: dict[Setting, np.ndarray], mu: np.ndarray, sigma: np.
     return std, diff_std
 
 
+def win_threshold(comparisons: int) -> float:
+    """z = Phi^-1(1 - 0.025 / K): how many std of the paired difference the best of K churn
+    settings must gain over the deterministic sampler to count as a real win (Bonferroni's
+    correction of the one-sided 2.5% test for picking the best of K; K = 1: 1.96)."""
+    if isinstance(comparisons, bool) or not isinstance(comparisons, int) or comparisons < 1:
+        raise ValueError(f"comparisons must be an integer >= 1, got {comparisons!r}")
+    return NormalDist().inv_cdf(1 - 0.025 / comparisons)
+
+
+def win_verdict(gain: float, std: float, comparisons: int) -> str:
+    """The line `tune` prints for the best churn setting's FD gain over the deterministic
+    sampler (`std`: of their paired difference), best of `comparisons` settings."""
+    margin = gain / std if std > 0 else math.inf
+    threshold = win_threshold(comparisons)
+    verdict = "a real win" if margin >= threshold else "within the noise: not a reliable win"
+    return (f"its gain over the deterministic sampler: {gain:.3g} = {margin:.1f} std of the paired difference: {verdict} "
+            f"(threshold {threshold:.2f} std: Phi^-1(1 - 0.025 / K), Bonferroni for the best of K = {comparisons} "
+            f"churn setting{'s' if comparisons > 1 else ''})")
+
+
 def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.01, 0.05), s_tmax=(1, 50),
              s_noise=(1.0, 1.007), bootstrap: int = 200) -> dict[str, Any]:
     """Run every distinct churn setting of `base` at config.nfe[0] on the same seeds; returns
@@ -106,14 +128,14 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
     config.samplers, config.ode_errors = [], False  # scored by FD only
     config.extra_specs = [SAMPLERS[base]]
     config.validate()  # every bad option fails here, before the model is loaded
-    rank, _, _, gather, _ = _distributed()
+    rank, _, device, gather, _ = _distributed()
     folder = None
     if config.output is not None and rank == 0:
         folder = agree(gather, lambda: open_output_folder(config, sweep_outputs(config, [], config.nfe) + list(TUNE_FILES)))
     else:
         agree(gather, lambda: None)
     try:
-        out = _tune(config, base, grid, bootstrap, folder, rank, gather)
+        out = _tune(config, base, grid, bootstrap, folder, rank, device, gather)
         if folder is not None and out:
             folder.commit()
         return out
@@ -125,13 +147,14 @@ def run_tune(config, base: str = "edm-heun", s_churn=(0, 10, 30, 80), s_tmin=(0.
 TUNE_FILES = ("tune.csv", "tune.json", "tune.png")
 
 
-def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: int, gather) -> dict[str, Any]:
+def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: int, device, gather) -> dict[str, Any]:
     from .models import load_model
     from .report import write_csv, write_json
     from .samplers_registry import core_sigmas
     from .sweep import DTYPES, agree, grid_name, run_sweep
 
-    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, dtype=DTYPES[config.dtype])
+    model = load_model(config.model, prompt=config.prompt, guidance_scale=config.guidance_scale, device=device,
+                       dtype=DTYPES[config.dtype])
     if config.reference is None and model.reference_images is None:
         raise InvalidArgument("reference", f"tune scores by the Frechet distance to the data, and {config.model} has no "
                                            "data of its own: give --reference (a folder of images or an .npz)")
@@ -170,7 +193,8 @@ def _tune(config, base: str, grid: list[Setting], bootstrap: int, folder, rank: 
         write_csv(ranked, output / "tune.csv", ["s_churn", "s_tmin", "s_tmax", "s_noise", "steps", "nfe", "fd", "fd_std",
                                                 "fd_delta", "fd_delta_std", "sec_per_sample", "num_samples", "same_as", "sampler"])
         write_json({key: value for key, value in out.items() if key != "meta"} | {"meta": result["meta"]}, output / "tune.json")
-        plot_tune(rows, output / "tune.png")
+        if module_available("matplotlib"):  # else the sweep's note says so
+            plot_tune(rows, output / "tune.png")
     return out
 
 

@@ -89,6 +89,7 @@ def config_argv(config) -> list[str]:
     register(parser.add_subparsers())
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    defaults["loss"] = type(config)(pretrained=config.pretrained).loss  # "edm" from scratch, None with --pretrained
     argv = ["train"]
     for action in train_parser._actions:
         name = action.dest

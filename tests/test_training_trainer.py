@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from edm_sampling.training.checkpoint import CHECKPOINT_NAME
+from edm_sampling.training.checkpoint import CHECKPOINT_NAME, verify_checkpoint
 from edm_sampling.training.config import TrainConfig
 from edm_sampling.training.data import ImageDataset, load_builtin_digits
 from edm_sampling.training.trainer import Trainer
@@ -161,7 +161,6 @@ def test_cli_trains_with_seeds_up_to_the_largest(tmp_path):
     """Every --seed in its range (up to 2^63 - 1) gives a data order and trains: each epoch of
     the global batches is a permutation of the data, and a different one per seed."""
     from edm_sampling.cli import main
-    from edm_sampling.training.checkpoint import verify_checkpoint
     from edm_sampling.training.data import batch_indices
 
     orders = []
@@ -194,3 +193,22 @@ def test_exported_folder_loads_with_diffusion_pipeline(tmp_path, digits8):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_cli_train_in_a_relative_output_dir_rewrites_its_own_files(tmp_path, monkeypatch):
+    """The default --output-dir is relative ("edm-output-train"): every file written a second time
+    (log.jsonl, the checkpoint, sample grids, pipeline/) must be recognised as the run's own, and
+    --resume / --overwrite work there too."""
+    from edm_sampling.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--resolution", "8", "--channels", "8,16", "--batch-size", "8", "--num-samples", "2", "--sample-steps", "2",
+              "--log-every", "1", "--checkpoint-every", "2", "--no-progress"]
+    assert main(["train", "--steps", "4", *common]) == 0
+    run = tmp_path / "edm-output-train"
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert verify_checkpoint(run / CHECKPOINT_NAME)["step"] == 4 and (run / "pipeline" / "model_index.json").is_file()
+    assert main(["train", "--steps", "6", "--resume", *common]) == 0
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert main(["train", "--steps", "2", "--overwrite", *common]) == 0
+    assert verify_checkpoint(run / CHECKPOINT_NAME)["step"] == 2

@@ -210,7 +210,8 @@ class RunFolder:
         return path.resolve().relative_to(self.root).as_posix()
 
     def _record(self, path: str | os.PathLike) -> dict | None:
-        """The manifest's record of ``path`` (inside the folder) if the package wrote it and it is unchanged."""
+        """The manifest's record of ``path`` (relative to the folder, or absolute) if the package
+        wrote it and it is unchanged."""
         path = self.root / path
         record = self._files.get(self._rel(path))
         return record if record is not None and record_matches(record, path) else None
@@ -245,7 +246,7 @@ class RunFolder:
 
     def check_replaceable(self, paths: Iterable[Path]) -> None:
         """`FolderContentsError` naming every file at or below ``paths`` that is not ours."""
-        offenders = [self._rel(f) for p in paths for f in files_below(Path(p)) if not self.owned(f)]
+        offenders = [self._rel(f) for p in paths for f in files_below(Path(p).resolve()) if not self.owned(f)]
         if offenders:
             raise FolderContentsError(
                 f"{self.path}: {_listing(offenders)} would be replaced, but edm_sampling did not write "

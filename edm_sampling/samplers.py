@@ -228,6 +228,7 @@ def combine_update(
     return result
 
 
+@torch.no_grad()
 def execute_plan(
     plan: SolverPlan,
     denoiser: DenoiserFn,
@@ -246,7 +247,8 @@ def execute_plan(
     Only the plan's look-back window of X and D is kept. Churn noise (an update's noise_std) is
     drawn with `generator` (a list: one per sample) in step order. `callback` gets, after each
     grid step i, {"i", "x" (before the next step's churn noise), "sigma", "sigma_hat",
-    "sigma_next", "denoised" (D at the step's first call; None under afs)}.
+    "sigma_next", "denoised" (D at the step's first call; None under afs)}. Runs without
+    autograd (as diffusers pipelines do): a sampler never needs the graph of its model calls.
     """
     check_generator(generator, latents.shape[0])
     model_kwargs = _as_dict("model_kwargs", model_kwargs)
@@ -279,6 +281,7 @@ def execute_plan(
                          sigma_hats=list(plan.sigma_hats))
 
 
+@torch.no_grad()
 def sample(
     denoiser: DenoiserFn,
     latents: torch.Tensor,
@@ -420,6 +423,7 @@ def _ablation_schedule(schedule: str | SigmaSchedule, sigma_min: float, sigma_ma
     return SIGMA_SCHEDULES[schedule]
 
 
+@torch.no_grad()
 def sample_ablation(
     denoiser: DenoiserFn,
     latents: torch.Tensor,

@@ -74,7 +74,7 @@ from .families import (
     flow_time,
     read_scheduler_config,
 )
-from .safety.inputs import check_kinds
+from .safety.inputs import InvalidArgument, check_kinds
 from .samplers import check_generator, churned_grid, randn
 from .schedules import (
     SCHEDULES,
@@ -332,6 +332,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             self.alphas_cumprod = self._family.alphas_cumprod.float()
         self.train_sigmas: torch.Tensor | None = getattr(self._family, "train_sigmas", None)
         self.sigma_range = self._sampling_range()
+        if self._schedule_file is not None:
+            self._check_schedule_file()
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
@@ -350,6 +352,28 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         self._warned_eta = False
         self._reset_state()
         _warn_when_ddim_pipeline_replaces_us()
+
+    def _check_schedule_file(self) -> None:
+        """At construction: the file's grids must lie in this model's noise levels (a grid searched
+        on another model fails here, naming the file, not at the pipeline's first call); a file
+        searched for another solver is used, with a warning."""
+        path, meta = self.config.schedule_file, self._schedule_file.meta
+        for grid in self._schedule_file.grids:
+            levels = torch.tensor([s for s in grid if math.isfinite(s)], dtype=torch.float64)
+            try:
+                check_sigmas_in_range(levels, self._family.sigma_min, self._family.sigma_max, "schedule_file")
+            except ValueError:
+                positive = levels[levels > 0]
+                raise InvalidArgument(
+                    "schedule_file", f"{path} (searched on {meta.get('model', 'another model')!r}) has a grid spanning "
+                    f"[{float(positive.min()):.6g}, {float(positive.max()):.6g}], but this model supports "
+                    f"[{self._family.sigma_min:.6g}, {self._family.sigma_max:.6g}]; search one for this model with "
+                    "`edm-sampling tune --schedule --model ...`") from None
+        searched_for = meta.get("solver")
+        if searched_for is not None and (searched_for != self.config.solver or bool(meta.get("afs")) != self.config.afs):
+            warnings.warn(f"schedule_file {path} was searched for solver={searched_for!r}, afs={bool(meta.get('afs'))}; "
+                          f"it is used with solver={self.config.solver!r}, afs={self.config.afs}, for which it may not "
+                          "be the best grid", UserWarning, stacklevel=3)
 
     def _normalize_config(self, model_family: str) -> None:
         """The config as it will be saved: the family's current name ("vp" -> "discrete_vp"), a
@@ -511,6 +535,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             options["rho"] = self.config.rho
         elif name in ("time_uniform", "time_quadratic"):
             options.update(sigma_to_t=self._family.time_of_sigma, t_to_sigma=self._family.sigma_of_time)
+        elif name == "gits":
+            options["interpolate"] = True  # the published counts, resampled log-linearly to others (as ays)
         return sigma_grid(name, num_steps, *self.sigma_range, **options)
 
     def _plan_of(self, grid: torch.Tensor, hats: Sequence[float], afs: bool) -> SolverPlan:

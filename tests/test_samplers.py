@@ -279,3 +279,21 @@ def test_grid_outside_the_models_range_is_rejected():
         SM.sample(denoiser, latents(1).float(), karras_sigmas(4, 0.002, 80.0))  # 0.002 < sigma_min ~ 0.01
     with pytest.raises(ValueError, match="state_dtype"):
         SM.sample(ORACLE, latents(1), karras_sigmas(4), state_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("solver", ["heun", "unipc"])
+def test_sampling_keeps_no_autograd_graph(solver):
+    """A trainable network (parameters requiring grad) sampled outside torch.no_grad(): the
+    sampler must not build a graph through its model calls (memory grows with every call)."""
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    seen = []
+
+    def denoiser(x, sigma):
+        out = net(x)
+        seen.append(out.requires_grad)
+        return out
+
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = SM.sample(denoiser, latents, [80.0, 5.0, 0.5, 0.0], solver=solver)
+    assert not out.sample.requires_grad and out.sample.grad_fn is None
+    assert seen and not any(seen)

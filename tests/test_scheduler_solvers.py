@@ -194,6 +194,28 @@ def test_schedule_file_round_trip(tmp_path):
     assert loaded.sigmas.tolist() == pytest.approx(grid)
 
 
+def test_schedule_file_of_another_model_or_solver(tmp_path):
+    """A grid searched on a model with another noise range is refused at construction, naming the
+    file; one searched for another solver is used, with a warning."""
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps(schedule_file_json([[80.0, 6.0, 0.5, 0.03, 0.0]], solver="ipndm", model="mixture")))
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config  # sigma 0.029 .. 14.6
+    with pytest.raises(ValueError, match=r"schedule_file: .*schedule\.json \(searched on 'mixture'\) has a grid "
+                                         r"spanning \[0\.03, 80\], but this model supports \[0\.0291672, 14\.6146\]"):
+        EDMScheduler.from_config(sd, solver="ipndm", schedule_file=str(path))
+    with pytest.warns(UserWarning, match="searched for solver='ipndm', afs=False; it is used with solver='unipc'"):
+        scheduler = EDMScheduler.from_config(DDPMScheduler().config, solver="unipc", schedule_file=str(path))
+    scheduler.set_timesteps(4)
+    assert scheduler.sigmas.tolist() == pytest.approx([80.0, 6.0, 0.5, 0.03, 0.0])
+
+
+def test_gits_is_resampled_to_any_step_count_in_the_scheduler():
+    for n in (4, 6, 9, 20):
+        scheduler = EDMScheduler.from_config(DDPMScheduler().config, schedule="gits", solver="unipc")
+        scheduler.set_timesteps(n)
+        assert len(scheduler.sigmas) == n + 1 and bool((scheduler.sigmas[1:] < scheduler.sigmas[:-1]).all())
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

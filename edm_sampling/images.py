@@ -82,7 +82,10 @@ def save_titled_grids(panels: Sequence[tuple[str, Any]], path: str | os.PathLike
     grids = [image_grid(images, max_images, min_cell) for _, images in panels]
     font = ImageFont.load_default(size=14)
     line, gap = 20, 16
-    width = sum(g.shape[1] for g in grids) + gap * (len(grids) + 1)
+    columns = [max(g.shape[1], math.ceil(font.getlength(caption))) for (caption, _), g in zip(panels, grids)]
+    width = sum(columns) + gap * (len(grids) + 1)
+    if title:  # wide enough for the title's longest part: small images never clip the text
+        width = max(width, max(math.ceil(font.getlength(part)) for part in title.split(", ")) + 2 * gap)
     title_lines = _wrap(title, font, width - 2 * gap) if title else []
     top = line * (len(title_lines) + 1) + 4
     height = top + max(g.shape[0] for g in grids) + gap
@@ -91,10 +94,10 @@ def save_titled_grids(panels: Sequence[tuple[str, Any]], path: str | os.PathLike
     for k, text in enumerate(title_lines):
         draw.text((gap, 2 + k * line), text, fill="black", font=font)
     x = gap
-    for (caption, _), grid in zip(panels, grids):
+    for (caption, _), grid, column in zip(panels, grids, columns):
         draw.text((x, top - line), caption, fill="black", font=font)
         canvas.paste(Image.fromarray(grid), (x, top))
-        x += grid.shape[1] + gap
+        x += column + gap
     return _save(canvas, path)
 
 

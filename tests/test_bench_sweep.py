@@ -143,7 +143,15 @@ def test_bench_on_a_local_diffusers_folder(tmp_path, ddpm_folder):
     # the grid shows the --reference images beside the samples: two panels side by side
     alone = Image.open(tmp_path / "out" / "grids" / "ddim_nfe3.png")  # no data to show: one panel
     beside = Image.open(tmp_path / "with-reference" / "grids" / "edm-euler_nfe2.png")
-    assert beside.width > 1.6 * alone.width
+    assert _panels(beside) == 2 and _panels(alone) == 1
+
+
+def _panels(image, gap: int = 10) -> int:
+    """Image panels side by side in a titled grid: groups of non-white columns below the captions,
+    separated by at least `gap` white columns (a grid's own padding between images is thinner)."""
+    pixels = np.asarray(image.convert("L"))
+    inked = np.flatnonzero((pixels[pixels.shape[0] // 2:] < 250).any(axis=0))  # the grids' lower half
+    return 0 if len(inked) == 0 else 1 + int(np.sum(np.diff(inked) > gap))
 
 
 def test_bench_on_a_stable_diffusion_folder(tmp_path):

@@ -23,10 +23,15 @@ parser.add_argument("--output-dir", default="edm-output-finetune")
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--resolution", default=None, help="S or H,W (default: the model's)")
+again = parser.add_mutually_exclusive_group()
+again.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint "
+                   "(give the same settings: this script passes them all)")
+again.add_argument("--overwrite", action="store_true", help="start a new run in --output-dir over an earlier one")
 args = parser.parse_args()
 
 result = train(TrainConfig(pretrained=args.pretrained, data=args.data, output_dir=args.output_dir, steps=args.steps,
-                           batch_size=args.batch_size, resolution=args.resolution, checkpoint_every=max(1, args.steps // 4)))
+                           batch_size=args.batch_size, resolution=args.resolution, checkpoint_every=max(1, args.steps // 4),
+                           resume=args.resume, overwrite=args.overwrite))
 print(f"{result.steps} steps, last loss {result.last_loss:.4f}; pipeline: {result.pipeline_dir}")
 
 import edm_sampling.pipelines  # noqa: E402,F401  (EDMScheduler is found by module path when the folder loads)

@@ -72,12 +72,23 @@ def test_bench_checkpoint(ddpm_folder, tmp_path, monkeypatch, capsys):
 
 def test_finetune_pretrained(ddpm_folder, tmp_path, monkeypatch, capsys):
     data = write_image_folder(tmp_path / "images", [(8, 8)] * 4)
-    out = _run(monkeypatch, capsys, "finetune_pretrained.py", "--pretrained", str(ddpm_folder), "--data", str(data),
-               "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2")
+    args = ["--pretrained", str(ddpm_folder), "--data", str(data), "--output-dir", str(tmp_path / "run"), "--steps", "2",
+            "--batch-size", "2"]
+    out = _run(monkeypatch, capsys, "finetune_pretrained.py", *args)
     assert "loads as DDIMPipeline" in out
+    with pytest.raises(ValueError, match="--resume"):  # a second run into the same folder says what to pass
+        _run(monkeypatch, capsys, "finetune_pretrained.py", *args)
+    out = _run(monkeypatch, capsys, "finetune_pretrained.py", *args[:-4], "--steps", "3", "--batch-size", "2", "--resume")
+    assert "resuming to step 3" in out and "3 steps" in out and "loads as DDIMPipeline" in out
+    out = _run(monkeypatch, capsys, "finetune_pretrained.py", *args, "--overwrite")
+    assert "starting a new run" in out and "2 steps" in out
 
 
 def test_train_digits(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = _run(monkeypatch, capsys, "train_digits.py", "--output-dir", str(tmp_path / "digits"), "--steps", "2")
     assert "2 steps" in out and (tmp_path / "digits" / "first_sample.png").is_file()
+    out = _run(monkeypatch, capsys, "train_digits.py", "--output-dir", str(tmp_path / "digits"), "--steps", "3", "--resume")
+    assert "found a checkpoint at step 2" in out and "resuming to step 3" in out and "3 steps" in out
+    with pytest.raises(SystemExit):  # one or the other
+        _run(monkeypatch, capsys, "train_digits.py", "--resume", "--overwrite")

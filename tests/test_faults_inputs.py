@@ -129,7 +129,8 @@ PATH_CASES = [  # (command, arguments, what the line names)
     ("tune", ["--model", "{sd}"], "--prompt"),
 ]
 NO_BAD_VALUE = {  # flags that take no value and cannot be wrong on their own, and --prompt (any text)
-    "train": {"--random-flip", "--attention", "--gradient-checkpointing", "--no-export", "--no-progress", "--overwrite"},
+    "train": {"--random-flip", "--attention", "--gradient-checkpointing", "--no-gradient-checkpointing", "--export",
+              "--no-export", "--progress", "--no-progress", "--no-cache-latents", "--overwrite"},
     "bench": {"--no-progress", "--overwrite"},
     "tune": {"--no-progress", "--overwrite", "--schedule", "--afs", "--no-refine"},
 }

@@ -272,7 +272,8 @@ def test_train_overwrite_refuses_a_users_file_inside_pipeline_and_exports_with_t
 
 def test_train_resume_from_the_previous_checkpoint_when_the_last_is_damaged(tmp_path, capsys):
     """The damaged-checkpoint message names the intact previous checkpoint and the `mv` that
-    restores it; after that `mv`, --resume continues from it (the manifest does not get in the way)."""
+    restores it (also for a bare --resume, which reads the settings from the damaged file's
+    header); after that `mv`, --resume continues from it (the manifest does not get in the way)."""
     out = tmp_path / "run"
     args = ["train", "--output-dir", str(out), *TINY, "--steps", "4", "--checkpoint-every", "2", "--num-samples", "0",
             "--no-export"]
@@ -286,6 +287,8 @@ def test_train_resume_from_the_previous_checkpoint_when_the_last_is_damaged(tmp_
     move = re.search(r"run `(mv [^`]*)`", error_line(err)).group(1)
     assert code == 2 and f"the previous checkpoint {previous_checkpoint_path(path)} (step 2) is intact" in err
     assert snapshot(out) == before
+    code, _, alone = run_cli(["train", "--resume", "--output-dir", str(out)], capsys)  # settings from its header
+    assert code == 2 and error_line(alone) == error_line(err) and snapshot(out) == before
     subprocess.run(shlex.split(move), check=True)
     code, out_text, _ = run_cli([*args, "--resume"], capsys)
     assert code == 0 and f"found a checkpoint at step 2 in {out}: resuming to step 4" in out_text

@@ -212,3 +212,70 @@ def test_cli_train_in_a_relative_output_dir_rewrites_its_own_files(tmp_path, mon
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert main(["train", "--steps", "2", "--overwrite", *common]) == 0
     assert verify_checkpoint(run / CHECKPOINT_NAME)["step"] == 2
+
+
+def _saved_tensors(path):
+    """The model, EMA and optimizer-state tensors of a checkpoint, by name."""
+    from edm_sampling.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    moments = {f"optim.{i}.{k}": v for i, s in ckpt["optimizer"]["state"].items() for k, v in s.items()}
+    return {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **{f"ema.{k}": v for k, v in ckpt["ema"].items()},
+            **moments}
+
+
+def test_cli_resume_keeps_the_runs_own_settings(tmp_path, capsys):
+    """`train --resume --steps 4 --output RUN` (an abbreviation) after a 2-step run with
+    non-default flags takes every flag not typed from the checkpoint: the weights, EMA and Adam
+    moments equal an uninterrupted 4-step run's bit for bit and the config is that run's (lr
+    1e-3). A typed flag wins (--lr), a typed change of the setup is refused (--seed), and
+    `--resume` alone on a finished run trains no step and says so."""
+    from edm_sampling.cli import main
+
+    flags = ["--resolution", "8", "--channels", "8,16", "--batch-size", "8", "--num-samples", "0", "--no-export",
+             "--no-progress", "--lr", "1e-3", "--seed", "3", "--lr-warmup-images", "24", "--ema-halflife-images", "8",
+             "--augment-p", "0.5", "--grad-accum", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--output-dir", str(straight), "--steps", "4", *flags]) == 0
+    assert main(["train", "--output-dir", str(split), "--steps", "2", *flags]) == 0
+    capsys.readouterr()
+    torch.manual_seed(999)  # whatever happened in between must not matter
+    assert main(["train", "--resume", "--steps", "4", "--output", str(split)]) == 0
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if line.startswith("settings from the checkpoint: "))
+    assert "--lr 0.001" in note and "--seed 3" in note and "--grad-accum 2" in note and "--no-progress" in note
+    assert "--steps" not in note and "--output-dir" not in note
+    assert f"found a checkpoint at step 2 in {split}: resuming to step 4" in out
+
+    expected, resumed = _saved_tensors(straight / CHECKPOINT_NAME), _saved_tensors(split / CHECKPOINT_NAME)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    run_config = {k: v for k, v in verify_checkpoint(straight / CHECKPOINT_NAME)["config"].items() if k != "output_dir"}
+    saved = verify_checkpoint(split / CHECKPOINT_NAME)
+    assert saved["step"] == 4 and saved["config"]["lr"] == 1e-3
+    assert {k: v for k, v in saved["config"].items() if k != "output_dir"} == {**run_config, "resume": True}
+
+    assert main(["train", "--resume", f"--output-dir={split}"]) == 0  # a finished run: nothing to do
+    out = capsys.readouterr().out
+    assert f"found a checkpoint at step 4 in {split}: the run is done (--steps 4)" in out
+    assert "nothing to train: the run is at step 4 of 4" in out
+    assert verify_checkpoint(split / CHECKPOINT_NAME)["step"] == 4
+    assert all(torch.equal(expected[k], v) for k, v in _saved_tensors(split / CHECKPOINT_NAME).items())
+
+    with pytest.raises(SystemExit) as exit_info:  # the data order is the seed's: refused, named as typed
+        main(["train", "--resume", "--output-dir", str(split), "--steps", "5", "--se", "4"])
+    assert exit_info.value.code == 2
+    assert "--se: was 3 in the checkpoint being resumed, got 4" in capsys.readouterr().err
+    assert main(["train", "--resume", "--output-dir", str(split), "--steps", "5", "--lr=5e-4"]) == 0
+    saved = verify_checkpoint(split / CHECKPOINT_NAME)
+    assert saved["step"] == 5 and saved["config"]["lr"] == 5e-4 and saved["config"]["seed"] == 3
+
+
+def test_typed_fields_counts_every_spelling():
+    """The fields a --resume takes from the checkpoint are those not typed, however typed:
+    an abbreviation, --flag=value, a --no- switch, a flag whose field has another name."""
+    from edm_sampling.training.command import typed_fields
+
+    argv = ["train", "--output", "run", "--lr=1e-3", "--no-exp", "--channels", "8,16", "--resume", "--random-flip"]
+    assert typed_fields(argv) == {"output_dir", "lr", "export", "block_out_channels", "resume", "random_flip"}
+    assert typed_fields(["train"]) == set()

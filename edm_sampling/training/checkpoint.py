@@ -228,15 +228,26 @@ def _recovery_hint(path: Path) -> str:
     return f"the previous checkpoint {previous} (step {step}) is intact: to continue from it, run `{move}` and resume again, or start over with --overwrite"
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step a checkpoint records, from its header alone (no checksum: for messages);
-    None if the header cannot be read."""
+def checkpoint_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The state a checkpoint records (step, config, ...), from its header alone, without the
+    checksum (for messages, and the settings a resumed CLI run starts from before the load checks
+    the file); None if the header cannot be read."""
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(min(length, 1 << 26)))
-        return int(json.loads(header["__metadata__"]["state"])["step"])
+        state = json.loads(header["__metadata__"]["state"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint records, from its header alone (`checkpoint_state`); None if the
+    header cannot be read."""
+    try:
+        return int((checkpoint_state(path) or {})["step"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

@@ -9,6 +9,11 @@ module imports nothing heavy: torch, diffusers and accelerate load when the comm
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     data.add_argument("--resolution", default=d["resolution"], help="training size S or H,W: images are resized and centre-cropped (default: 16 for digits, the model's own size, or the folder's)")
     data.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2")
     data.add_argument("--caption-dropout", type=float, default=d["caption_dropout"], help="probability of an empty caption, for classifier-free guidance (default: %(default)s)")
-    data.add_argument("--cache-latents", action="store_true", help="latent models: encode every image once into the run folder")
+    data.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=d["cache_latents"],
+                      help="latent models: encode every image once into the run folder")
     data.add_argument("--num-workers", type=int, default=d["num_workers"], help="DataLoader worker processes (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--pretrained", default=d["pretrained"], help="fine-tune a local diffusers pipeline folder (DDPM, DDIM, Stable Diffusion, EDMPipeline) or a bare UNet folder")
@@ -60,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     opt.add_argument("--ema-halflife-images", type=float, default=d["ema_halflife_images"], help="EMA half-life in images (default: %(default)s)")
     opt.add_argument("--ema-rampup-ratio", type=float, default=d["ema_rampup_ratio"], help="EMA half-life at most this x images seen (default: %(default)s)")
     opt.add_argument("--augment-p", type=float, default=d["augment_p"], help="non-leaky augmentation probability, pixel models (default: %(default)s)")
-    opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the backward pass (less memory)")
+    opt.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d["gradient_checkpointing"],
+                     help="recompute UNet activations in the backward pass (less memory)")
     opt.add_argument("--mixed-precision", default=d["mixed_precision"], help="no, fp16 or bf16 (GPU; default: %(default)s)")
     opt.add_argument("--seed", type=int, default=d["seed"], help="(default: %(default)s)")
     out = p.add_argument_group("output")
@@ -70,56 +77,107 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument("--num-samples", type=int, default=d["num_samples"], help="images in each sample grid, 0 for none (default: %(default)s)")
     out.add_argument("--guidance-scale", type=float, default=d["guidance_scale"], help="classifier-free guidance of text models' sample grids (default: %(default)s)")
     out.add_argument("--export-scheduler", default=d["export_scheduler"], help="scheduler of the exported pipeline: edm or original (default: %(default)s)")
-    out.add_argument("--no-export", dest="export", action="store_false", help="do not write the pipeline folder")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    out.add_argument("--export", action=argparse.BooleanOptionalAction, default=d["export"], help="write the pipeline folder (default: on)")
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"], help="show a progress bar (default: on)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    group.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint, with "
+                       "its settings: flags typed with --resume replace them (those that change the model or data are refused)")
     group.add_argument("--overwrite", action="store_true", help="start a new run in an existing --output-dir: the old "
                        "files stay until the new run replaces them; files edm_sampling did not write are kept")
     p.set_defaults(func=run)
     return p
 
 
-def config_argv(config) -> list[str]:
+# Fields a resumed run never takes from its checkpoint: where and how this job starts.
+JOB_FIELDS = ("output_dir", "resume", "overwrite")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    """A fresh parser of the `train` subcommand (its flags, defaults and spellings)."""
+    return register(argparse.ArgumentParser().add_subparsers())
+
+
+def _flag_tokens(action: argparse.Action, value) -> list[str]:
+    """The arguments that set ``action``'s field to ``value``: a switch's spelling (``--no-X``
+    for False), or the flag and its value as text (sequences comma separated)."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [action.option_strings[0 if value else 1]]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return [action.option_strings[0]]
+    return [action.option_strings[0], ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+
+
+def config_argv(config, names: Collection[str] | None = None) -> list[str]:
     """The `edm-sampling` arguments that give ``config`` (a TrainConfig): every field that differs
-    from its default, as its flag (how a run started from Python is resumed from the shell)."""
+    from its default, as its flag (how a run started from Python is resumed from the shell);
+    ``names``: only these fields."""
     import dataclasses
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    train_parser = parser._subparsers._group_actions[0].choices["train"]
-    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    defaults["loss"] = type(config)(pretrained=config.pretrained).loss  # "edm" from scratch, None with --pretrained
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
+    fields["loss"] = type(config)(pretrained=config.pretrained).loss  # "edm" from scratch, None with --pretrained
     argv = ["train"]
-    for action in train_parser._actions:
+    for action in _train_parser()._actions:
         name = action.dest
-        if not action.option_strings or not hasattr(config, name) or name not in {f.name for f in dataclasses.fields(config)}:
+        if not action.option_strings or name not in fields or (names is not None and name not in names):
             continue
         value = getattr(config, name)
-        if name in defaults and value == defaults[name]:
-            continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            argv.append(action.option_strings[0])
-        else:
-            text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-            argv += [action.option_strings[0], text]
+        if value != fields[name]:
+            argv += _flag_tokens(action, value)
     return argv
 
 
+def typed_fields(argv: Sequence[str]) -> set[str]:
+    """The fields the user set on the `edm-sampling` command line ``argv`` (its first word the
+    subcommand), whatever the spelling (an abbreviation, ``--no-X``, ``--flag=value``): ``argv``
+    parsed again by a copy of the parser whose defaults are all SUPPRESS, so only typed flags
+    come back."""
+    parser = _train_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    return set(vars(parser.parse_args(list(argv)[1:])))
+
+
+def take_saved_settings(values: dict[str, Any], saved: Mapping[str, Any], typed: Collection[str]) -> tuple[dict[str, Any], list[str]]:
+    """(``values`` with every field the user did not type taken from ``saved``, those fields):
+    ``values`` the TrainConfig fields of the parsed flags, ``saved`` the config a checkpoint
+    recorded (`TrainConfig.to_json`). A resumed run keeps its own settings; what the user typed
+    wins, the `JOB_FIELDS` stay this job's."""
+    taken = [name for name in values if name in saved and name not in typed and name not in JOB_FIELDS]
+    merged = dict(values)
+    for name in taken:
+        value = saved[name]
+        merged[name] = tuple(value) if isinstance(value, list) else value  # JSON keeps tuples as lists
+    return merged, taken
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build the config from the parsed flags, train, and print where the results are."""
+    """Build the config from the parsed flags, train, and print where the results are. With
+    ``--resume`` the flags not typed take the checkpoint's settings (`take_saved_settings`);
+    a checkpoint whose header cannot be read is left to the trainer, which says why."""
     import dataclasses
 
+    from .checkpoint import CHECKPOINT_NAME, checkpoint_state
     from .config import TrainConfig
     from .trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = train(config, argv=getattr(args, "argv", None))
-    print(
-        f"trained {result.steps} steps ({result.images_seen} images, {result.skipped_steps} skipped) "
-        f"in {result.seconds:.1f} s, last loss {result.last_loss:.4f}"
-    )
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    argv = getattr(args, "argv", None)
+    saved = checkpoint_state(Path(args.output_dir) / CHECKPOINT_NAME) if args.resume and argv is not None else None
+    taken: list[str] = []
+    if saved is not None and isinstance(saved.get("config"), dict):
+        values, taken = take_saved_settings(values, saved["config"], typed_fields(argv))
+    config = TrainConfig(**values)
+    shown = config_argv(config, taken)[1:]
+    if shown and int(os.environ.get("RANK", "0")) == 0:
+        print(f"settings from the checkpoint: {shlex.join(shown)}", flush=True)
+    result = train(config, argv=argv)
+    if not result.history:
+        print(f"nothing to train: the run is at step {result.steps} of {config.steps}")
+    else:
+        print(f"trained {result.steps} steps ({result.images_seen} images, {result.skipped_steps} skipped) "
+              f"in {result.seconds:.1f} s, last loss {result.last_loss:.4f}")
     if result.pipeline_dir:
         print(f"pipeline: {result.pipeline_dir}")
     if result.samples_path:

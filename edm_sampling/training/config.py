@@ -113,6 +113,11 @@ class TrainConfig:
     ``pretrained`` it is the fine-tuning recipe: the model's own noise levels with the balanced
     weighting (see :attr:`recipe`). ``noise_distribution`` and ``loss_weighting`` override the
     two halves of the recipe separately (None: from ``loss``).
+
+    ``resume=True`` continues the run in ``output_dir`` with the fields given here, explicit
+    like every other use of this class: the fields in `RESUME_FIELDS` must match the checkpoint's
+    (a changed model or data setup is refused), the others (``steps``, ``lr``, ...) apply as
+    given. The CLI's ``--resume`` instead takes every flag not typed from the checkpoint.
     """
 
     output_dir: str = "edm-output-train"

@@ -395,7 +395,8 @@ class Trainer:
             self.load(self.output_dir / CHECKPOINT_NAME)
             if acc.is_main_process:
                 self.folder.keep([CHECKPOINT_NAME])
-            self.found = f"found a checkpoint at step {self.step} in {self.output_dir}: resuming to step {config.steps}"
+            self.found = f"found a checkpoint at step {self.step} in {self.output_dir}: " + (
+                f"resuming to step {config.steps}" if self.step < config.steps else f"the run is done (--steps {config.steps})")
         self._log_lines: list[str] | None = None  # log.jsonl as this job rewrites it (None: no record yet)
         self._log_written: int | None = None  # how many of them the file holds (None: not rewritten yet)
         self._log_held = not config.resume and (self.output_dir / CHECKPOINT_NAME).is_file()  # see _write_log

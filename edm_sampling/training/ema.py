@@ -29,7 +29,7 @@ def ema_beta(batch_images: int, halflife_images: float, images_seen: int, rampup
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * model, parameter by parameter; buffers are copied."""
     targets = list(ema.parameters())
-    sources = [p.detach().to(t.dtype) for t, p in zip(targets, model.parameters())]
+    sources = [p if p.dtype == t.dtype else p.to(t.dtype) for t, p in zip(targets, model.parameters())]
     torch._foreach_lerp_(targets, sources, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)

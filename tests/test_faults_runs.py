@@ -417,7 +417,13 @@ def test_bench_and_tune_stopped_by_a_signal_end_in_one_line(tmp_path, capsys, mo
 
     monkeypatch.setattr(sweep, "run_sampler", interrupted)
     extra = ["--samplers", "edm-heun"] if command == "bench" else ["--bootstrap", "0"]
-    code, _, err = run_cli([command, *BENCH, *extra, "--output-dir", str(out), "--overwrite"], capsys)
+    # a test process started in the background of a non-interactive shell (as some CI runners
+    # start it) inherits SIGINT ignored: give this one Python's own Ctrl-C handler, as a terminal does
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run_cli([command, *BENCH, *extra, "--output-dir", str(out), "--overwrite"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 128 + signum
     assert error_line(err) == (f"edm-sampling {command}: stopped by {signal.Signals(signum).name}; every file written so "
                                "far is complete (writes are atomic)")

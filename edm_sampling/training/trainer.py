@@ -378,6 +378,7 @@ class Trainer:
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.model, self.optimizer = acc.prepare(denoiser, optimizer)
+        self.unwrapped = acc.unwrap_model(self.model)  # once: unwrap_model walks the module tree (1 ms a step)
         self.ema.to(acc.device)
         self.feed = BatchFeed(
             self.num_items, seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
@@ -496,14 +497,6 @@ class Trainer:
         return cache
 
     # ---- one step -------------------------------------------------------------------
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        """The model without accelerate's wrappers (looked up once: `unwrap_model` walks the
-        module tree, a millisecond per training step)."""
-        if getattr(self, "_unwrapped_of", None) is not self.model:
-            self._unwrapped, self._unwrapped_of = self.accelerator.unwrap_model(self.model), self.model
-        return self._unwrapped
-
     def prepare_batch(self, step: int, round_: int) -> Batch:
         """Micro-batch ``round_`` of step ``step`` with every random draw made (see module docstring).
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
-from tiny_models import CallCounter, tiny_sd3_components
+from tiny_models import CallCounter, FirstCallSeesUnitNoise, tiny_sd3_components
 
 from edm_sampling import samplers
 from edm_sampling.denoisers import FlowDenoiser
@@ -63,22 +63,6 @@ def test_flow_family_turns_the_exact_velocity_into_the_exact_denoiser():
     torch.testing.assert_close(denoiser(x, sigma), ORACLE(x, sigma), rtol=1e-10, atol=1e-10)
 
 
-class _FirstCallSeesUnitNoise(FlowDenoiser):
-    """A flow denoiser whose first call at a finite sigma sees what the model in an SD3 / Flux loop
-    sees when the grid starts at sigma_max: the pipeline's N(0, I) itself as x_t, i.e.
-    x_edm = (1 + sigma) n, where the sampler's state is x_edm = sigma n."""
-
-    def __init__(self, net=exact_velocity):
-        super().__init__(net)
-        self.calls = 0
-
-    def forward(self, x, sigma, **kwargs):
-        self.calls += 1
-        if self.calls == 1 and bool(torch.isfinite(sigma).all()):
-            x = x * ((1 + sigma) / sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return super().forward(x, sigma, **kwargs)
-
-
 @pytest.mark.parametrize("solver, churn", [("heun", 0.0), ("euler", 0.0), ("heun", 20.0), ("euler", 20.0), ("ipndm", 0.0)])
 def test_flow_scheduler_equals_core_sampler(solver, churn):
     """The pipeline's unit noise is the start noise z: the state starts at sigma_max z (or at pure
@@ -89,7 +73,7 @@ def test_flow_scheduler_equals_core_sampler(solver, churn):
     assert scheduler.init_noise_sigma == 1.0
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     out, calls = _loop(scheduler, noise, generator=torch.Generator().manual_seed(3))
-    ref = samplers.sample(_FirstCallSeesUnitNoise(), noise, scheduler.sigmas.double(), solver=solver,
+    ref = samplers.sample(FirstCallSeesUnitNoise(exact_velocity), noise, scheduler.sigmas.double(), solver=solver,
                           s_churn=churn, s_tmin=0.05, s_tmax=50.0, generator=torch.Generator().manual_seed(3))
     assert calls == ref.nfe == (11 if solver == "heun" else 6)
     torch.testing.assert_close(out, ref.sample.float(), rtol=1e-5, atol=1e-5)
@@ -218,11 +202,11 @@ def sd3_components(tmp_path_factory):
 
 def _sd3_denoiser(pipe, prompt: str, guidance_scale: float, unit_noise_start: bool = False) -> FlowDenoiser:
     """D of the pipeline's transformer with CFG; `unit_noise_start`: its first call sees the
-    pipeline's unit noise (`_FirstCallSeesUnitNoise`), as in the pipeline's own loop."""
+    pipeline's unit noise (`tiny_models.FirstCallSeesUnitNoise`), as in the pipeline's own loop."""
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt, None, None, do_classifier_free_guidance=True, max_sequence_length=8, device=torch.device("cpu"))
     net = _SD3CFGNet(pipe.transformer, torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]), guidance_scale)
-    return _FirstCallSeesUnitNoise(net) if unit_noise_start else FlowDenoiser(net)
+    return FirstCallSeesUnitNoise(net) if unit_noise_start else FlowDenoiser(net)
 
 
 def _pipeline_with_our_scheduler(pipeline_cls, components, **scheduler_kwargs):

@@ -20,6 +20,7 @@ from edm_sampling import samplers
 from edm_sampling.denoisers import PreconditionedDenoiser
 from edm_sampling.oracles import GaussianOracle
 from edm_sampling.schedulers import EDMScheduler
+from tiny_models import FirstCallSeesUnitNoise
 from edm_sampling.schedules import SCHEDULES, schedule_file_json
 from edm_sampling.solvers import SOLVERS
 
@@ -103,20 +104,6 @@ def _loop(scheduler: EDMScheduler, net, noise: torch.Tensor) -> tuple[torch.Tens
     return x, calls
 
 
-class _FirstCallSeesUnitNoise(PreconditionedDenoiser):
-    """For a flow grid that starts at a finite sigma_max, where the pipeline's unit noise stands in
-    for pure noise: the model's first call sees that noise itself as x_t, x_edm = (1 + sigma) n,
-    while the solver's state is sigma n (the scheduler takes D for the input the model saw)."""
-
-    calls = 0
-
-    def forward(self, x, sigma, **kwargs):
-        self.calls += 1
-        if self.calls == 1 and bool(torch.isfinite(sigma).all()):
-            x = x * ((1 + sigma) / sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return super().forward(x, sigma, **kwargs)
-
-
 def _case_id(case: dict) -> str:
     return "-".join(f"{v}" if k == "solver" else f"{k}={v}" for k, v in case.items())
 
@@ -133,7 +120,7 @@ def test_scheduler_equals_core_for_every_solver(family_name, case):
     assert calls == len(scheduler.timesteps) == (2 * n - 1 if case["solver"] == "heun" else n)
     assert scheduler.order == SOLVERS[case["solver"]].calls_per_step
 
-    reference_class = _FirstCallSeesUnitNoise if family_name == "flow" else PreconditionedDenoiser
+    reference_class = FirstCallSeesUnitNoise if family_name == "flow" else PreconditionedDenoiser
     denoiser = reference_class(net, scheduler.family)
     ref = samplers.sample(denoiser, noise, scheduler.sigmas.double(), solver=case["solver"],
                           order=case.get("solver_order"), afs=case.get("afs", False))

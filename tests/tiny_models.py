@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from edm_sampling.denoisers import PreconditionedDenoiser
+from edm_sampling.families import FlowMatching
+
 SAMPLE_SIZE = 8
 
 
@@ -283,3 +286,21 @@ def write_image_folder(
         (directory / "bad.png").write_bytes(b"this is not a PNG")
         (directory / "zero.png").write_bytes(b"")
     return directory
+
+
+
+class FirstCallSeesUnitNoise(PreconditionedDenoiser):
+    """A flow denoiser as an SD3 / Flux loop feeds it when the grid starts at a finite sigma (from
+    sigma_max, or after afs) where the pipeline's unit noise n stands in for pure noise: its first
+    call sees n itself as x_t, i.e. x_edm = (1 + sigma) n, while the solver's state is sigma n (the
+    scheduler takes D for the input the model saw). ``family``: the flow family."""
+
+    def __init__(self, net, family=None):
+        super().__init__(net, family if family is not None else FlowMatching())
+        self.calls = 0
+
+    def forward(self, x, sigma, **kwargs):
+        self.calls += 1
+        if self.calls == 1 and bool(torch.isfinite(sigma).all()):
+            x = x * ((1 + sigma) / sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return super().forward(x, sigma, **kwargs)

@@ -187,6 +187,12 @@ class Family:
     their limits on it."""
 
     @property
+    def data_std(self) -> float:
+        """The std the family's data are scaled to in x_edm units: 1 (VP's and flow matching's
+        unit-variance data), EDM's sigma_data. The `adams_alpha` solver's interpolation scale."""
+        return 1.0
+
+    @property
     def integer_timesteps(self) -> bool:
         """True when the network's time input is an integer (the iDDPM "round" rule)."""
         return False
@@ -411,6 +417,10 @@ class EDM(Family):
 
     def net_output(self, output: Any, sigma: Any) -> Any:
         return -output if self.prediction_type == "v_prediction" else output
+
+    @property
+    def data_std(self) -> float:
+        return self.sigma_data
 
     def scheduler_config(self) -> dict[str, Any]:
         return {"model_family": self.name, "sigma_data": self.sigma_data, "prediction_type": self.prediction_type}

@@ -307,7 +307,7 @@ def sample(
     """Solve the probability-flow ODE from pure noise down the grid `sigmas` with any registered
     `solver` (`solvers.SOLVERS`), through its plan.
 
-    `latents` ~ N(0, I). `alpha` (heun), `order` (ipndm, ipndm_v, unipc, deis), `afs` (every
+    `latents` ~ N(0, I). `alpha` (heun), `order` (ipndm, ipndm_v, unipc, deis, adams_alpha), `afs` (every
     one-call-per-step solver) and `solver_options` (e.g. unipc's corrector / variant) go to the
     solver's plan; an option it does not take is a ValueError. Churn (Algorithm 2: euler and heun
     only; s_churn > 0 with another solver is a ValueError naming s_churn) starts the state at
@@ -342,6 +342,9 @@ def sample(
         options["afs"] = afs
     if info.churn and s_churn > 0:
         options.update(sigma_hats=hats, s_noise=s_noise)
+    family = getattr(denoiser, "family", None)
+    if family is not None and "sigma_data" in (info.plan.__kwdefaults__ or {}):
+        options.setdefault("sigma_data", family.data_std)
     plan = make_plan(solver, grid, **options)
     return execute_plan(plan, denoiser, latents, generator=generator, model_kwargs=model_kwargs, callback=callback,
                         check_finite=check_finite, state_dtype=state_dtype, progress=progress)

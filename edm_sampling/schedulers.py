@@ -18,7 +18,8 @@ module only maps the pipeline protocol onto them:
   flow x_edm / (1 + sigma) = x_t, VE x_edm itself. So `scale_model_input` is the identity, and
   VP, EDM and flow models start from noise of std ~1 and work in pipelines that never scale
   (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
-- flow models with the solvers that can start from pure noise (euler, dpmpp_2m / 3m, unipc)
+- flow models with the solvers that can start from pure noise (euler, dpmpp_2m / 3m, unipc,
+  adams_alpha)
   start at t = 1 (sigma = inf), where SD3 / Flux start: the state there is x_t = n, held as
   x_edm / sigma (`solvers`); heun, ipndm, ipndm_v and deis start at sigma_max;
 - one `step` per model call: the plan's Step of that call (D from the network output, then
@@ -214,8 +215,9 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     Args:
         solver: one of `solvers.SOLVERS`: "heun" (EDM's sampler, the default: N steps cost
             2N - 1 model calls, `order` = 2), "euler", "ipndm", "ipndm_v", "dpmpp_2m",
-            "dpmpp_3m", "unipc", "deis" (N model calls for num_inference_steps = N).
-        solver_order: the order of ipndm / ipndm_v / unipc / deis (None: the solver's default).
+            "dpmpp_3m", "unipc", "deis", "adams_alpha" (N model calls for num_inference_steps = N).
+        solver_order: the order of ipndm / ipndm_v / unipc / deis / adams_alpha (None: the solver's
+            default).
         afs: the analytical first step (every solver but heun): the first model call is replaced
             by the data-mean estimate D = 0, so N calls cover a grid of N + 1 steps.
         schedule: the grid, one of `schedules.SCHEDULES` ("karras", "logsnr", "time_uniform",
@@ -501,10 +503,12 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
         s / (N - 1)^FLOW_GRID_BOTTOM_EXPONENT (at least sigma_min). The model's own last level,
         s / (N - 1) at t = 1/N, is extended downwards because an error left at the bottom stays in
         the sample, while one made at sigma is damped by a / sqrt(a^2 + sigma^2) for data of std a
-        by the rest of the ODE (measured: benchmarks/flow_grids.py)."""
+        by the rest of the ODE (measured: benchmarks/flow_grids.py). A solver may set its own
+        exponent (`SolverInfo.flow_bottom_exponent`: adams_alpha keeps the model's range, b = 1)."""
         s = self._family.shift_factor(mu)
         top = s * max(num_steps - 1, 1)
-        bottom = max(s / max(num_steps - 1, 1) ** FLOW_GRID_BOTTOM_EXPONENT, self.sigma_range[0])
+        exponent = solver_info(self.config.solver).flow_bottom_exponent or FLOW_GRID_BOTTOM_EXPONENT
+        bottom = max(s / max(num_steps - 1, 1) ** exponent, self.sigma_range[0])
         if num_steps > 2 and not bottom < top:
             raise ValueError(f"sigma_min={self.config.sigma_min!r} must be below {top:.6g}, the top of the flow grid of "
                              f"{num_steps} steps from pure noise")
@@ -549,6 +553,8 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             options["afs"] = True
         if self.config.final_step is not None:
             options["final_step"] = self.config.final_step
+        if "sigma_data" in (info.plan.__kwdefaults__ or {}):
+            options["sigma_data"] = self._family.data_std
         if info.churn:
             options.update(sigma_hats=list(hats), s_noise=self.config.s_noise)
         return make_plan(self.config.solver, grid, **options)

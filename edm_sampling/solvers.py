@@ -681,6 +681,106 @@ def unipc_plan(
     return _multistep_plan("unipc", levels, afs, update)
 
 
+# --- Adams predictor-corrector in the signal fraction alpha ----------------------------------------
+
+
+def signal_fraction(sigma: float, sigma_data: float = 1.0) -> float:
+    """alpha = sigma_data / sqrt(sigma_data^2 + sigma^2): 0 at pure noise (sigma = inf), 1 at the
+    data (sigma = 0); sqrt(c_skip) of EDM's preconditioning, VP's alpha for sigma_data = 1."""
+    return 0.0 if sigma == math.inf else sigma_data / math.sqrt(sigma_data**2 + sigma**2)
+
+
+def _alpha_lagrange(nodes: Sequence[float], alpha: np.ndarray, sigma_data: float) -> np.ndarray:
+    """L_k(alpha), k over `nodes` (sigmas), the Lagrange basis on the nodes' alphas; shape (k, points)."""
+    node_alphas = [signal_fraction(s, sigma_data) for s in nodes]
+    basis = np.ones((len(nodes), alpha.size))
+    for k, alpha_k in enumerate(node_alphas):
+        for j, alpha_j in enumerate(node_alphas):
+            if j != k:
+                basis[k] *= (alpha - alpha_j) / (alpha_k - alpha_j)
+    return basis
+
+
+def adams_alpha_update(
+    x: float, denoised: Sequence[float], nodes: Sequence[float], sigma: float, sigma_next: float, sigma_data: float = 1.0
+) -> float:
+    """One step of the exact ODE solution from x at `sigma` to `sigma_next` with D interpolated as
+    a polynomial in alpha = `signal_fraction` through D at `nodes` (denoised[k] at nodes[k]).
+
+    In y = x / sigma and u = 1 / sigma the probability-flow ODE is dy/du = D (the exponential
+    integrator's form: exact for the linear part), so
+
+        x_next = (sigma_next / sigma) x + sigma_next sum_k D_k integral_{u}^{u_next} L_k(alpha(u)) du,
+
+    the integrals by 32-point Gauss-Legendre (in log u; in u from pure noise, u = 0). At
+    sigma_next = 0 the limit is x = sum_k L_k(1) D_k: D extrapolated to the data. Why alpha and
+    not lambda = -log sigma (DPM-Solver++, UniPC): along the trajectory of data of std a, D -
+    E[y] = a alpha_a n with alpha_a the signal fraction at sigma_data = a, so D is linear in
+    alpha for data of std sigma_data and smooth in alpha at both ends (D = E[y] + O(alpha) at
+    pure noise, D = y + O(1 - alpha) ~ O(sigma^2) at the data), where it is exponential in lambda.
+    Exact for D polynomial in alpha of degree < len(nodes); as predictor (nodes sigma_i, sigma_{i-1},
+    ...) an Adams-Bashforth rule, as corrector (nodes sigma_next, sigma_i, ...) Adams-Moulton."""
+    if sigma_next == 0:
+        return float(_alpha_lagrange(nodes, np.ones(1), sigma_data)[:, 0] @ np.asarray(denoised, dtype=np.float64))
+    points, weights = np.polynomial.legendre.leggauss(32)
+    u_next = 1.0 / sigma_next
+    if sigma == math.inf:
+        u = 0.5 * u_next * (points + 1.0)
+        du = 0.5 * u_next * weights
+    else:
+        log_u, log_u_next = -math.log(sigma), math.log(u_next)
+        u = np.exp(0.5 * (log_u_next - log_u) * points + 0.5 * (log_u_next + log_u))
+        du = 0.5 * (log_u_next - log_u) * weights * u
+    alpha = sigma_data * u / np.sqrt(1.0 + (sigma_data * u) ** 2)
+    integrals = _alpha_lagrange(nodes, alpha, sigma_data) @ du
+    return exponential_decay(x, sigma, sigma_next) + sigma_next * float(integrals @ np.asarray(denoised, dtype=np.float64))
+
+
+def adams_alpha_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, corrector: bool = True, sigma_data: float = 1.0,
+    final_step: str = "extrapolate",
+) -> SolverPlan:
+    """Adams predictor-corrector in alpha (`adams_alpha_update`): the predictor through the last
+    min(order, i + 1) calls (the call at pure noise, alpha = 0, is a regular node), the corrector
+    of x_i through D_i and the order - 1 calls before it, reusing call i (no extra NFE; UniPC's
+    scheme, Zhao et al. 2023). The step to sigma = 0 ("extrapolate" or "published") is the
+    predictor's limit: D extrapolated to alpha = 1 through the last `order` calls; "denoise":
+    x = D. `sigma_data`: the data's std in x / s units (1 for VP and flow models' unit-variance
+    data, 0.5 for EDM's pixels; the scheduler and `samplers.sample` pass the family's
+    `data_std`). Order `order` (the corrector lowers the constant, not the order); each step
+    from order 2 on is exact for Gaussian data of std sigma_data, the first (one node) is not."""
+    levels = _levels(sigmas, "adams_alpha")
+    _check_order(order, 4, "adams_alpha")
+    if not isinstance(corrector, bool):
+        raise ValueError(f"corrector must be True or False, got {corrector!r}")
+    check_kinds(sigma_data=(sigma_data, "real"))
+    if not (math.isfinite(sigma_data) and sigma_data > 0):
+        raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
+    _check_final_step(final_step)
+
+    def predictor(i: int) -> Combination:
+        if levels[i + 1] == 0 and final_step == "denoise":
+            return _final_update(levels, i, False, final_step)
+        nodes = levels[i::-1][:order]
+        return _combination(lambda x, *d: adams_alpha_update(x, d, nodes, levels[i], levels[i + 1], sigma_data), 1, len(nodes))
+
+    def corrected(i: int) -> Combination:
+        """x_i from x_{i-1} (X[-2]; X[-1] is the predicted x_i) and D_i, D_{i-1}, ... (D[-1], ...)."""
+        nodes = levels[i::-1][:order]
+
+        def update(x_predicted: float, x: float, *d: float) -> float:
+            return adams_alpha_update(x, d, nodes, levels[i - 1], levels[i], sigma_data)
+
+        return _combination(update, 2, len(nodes))
+
+    def update(i: int) -> tuple[Combination, ...]:
+        if corrector and i > 0:
+            return corrected(i), predictor(i)
+        return (predictor(i),)
+
+    return _multistep_plan("adams_alpha", levels, False, update)
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 
@@ -693,6 +793,8 @@ class SolverInfo:
     churn: Algorithm 2's churn applies. afs: the analytical first step applies.
     orders: the allowed `order` range, None when the solver has no order option.
     infinite_start: its plans may start at sigma = inf (pure noise; see the module docstring).
+    flow_bottom_exponent: b of its default grid for flow models from pure noise, which ends at
+    s / (N - 1)^b (`EDMScheduler._flow_noise_grid`); None: the scheduler's default.
     """
 
     plan: Callable[..., SolverPlan]
@@ -704,6 +806,7 @@ class SolverInfo:
     afs: bool = True
     orders: tuple[int, int] | None = None
     infinite_start: bool = False
+    flow_bottom_exponent: float | None = None
 
     def steps_for_nfe(self, nfe: int, afs: bool = False) -> int:
         """The grid step count (grid ending at 0) whose model calls are the most not above `nfe`."""
@@ -738,6 +841,9 @@ SOLVERS: dict[str, SolverInfo] = {
                         "logsnr", orders=(1, 3), infinite_start=True),
     "deis": SolverInfo(deis_plan, "tAB-DEIS: Adams-Bashforth in the VP time t, orders 1..4 (default 3)",
                        "time_quadratic", orders=(1, 4)),
+    "adams_alpha": SolverInfo(adams_alpha_plan, "Adams predictor-corrector with D interpolated in the signal fraction "
+                              "alpha = 1 / sqrt(1 + sigma^2), orders 1..4 (default 3)", "logsnr", afs=False,
+                              orders=(1, 4), infinite_start=True, flow_bottom_exponent=1.0),
 }
 
 

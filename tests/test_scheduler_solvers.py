@@ -89,6 +89,8 @@ CASES = [
     {"solver": "unipc", "solver_order": 3},
     {"solver": "unipc", "afs": True},
     {"solver": "deis"},
+    {"solver": "adams_alpha"},
+    {"solver": "adams_alpha", "solver_order": 2},
     {"solver": "heun", "schedule": "logsnr"},
     {"solver": "unipc", "schedule": "time_uniform"},
 ]

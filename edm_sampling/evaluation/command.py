@@ -150,7 +150,7 @@ def register(subparsers) -> None:
     group.add_argument("--schedule", action="store_true",
                        help="search a step schedule (see above) instead of churn; writes a schedule file")
     group.add_argument("--solver", default=None,
-                       help="the solver the schedule is for: heun, euler, ipndm, ipndm_v, dpmpp_2m, dpmpp_3m, unipc, deis "
+                       help="the solver the schedule is for: heun, euler, ipndm, ipndm_v, dpmpp_2m, dpmpp_3m, unipc, deis, adams_alpha "
                             "(default ipndm)")
     group.add_argument("--afs", action="store_true", help="the solver takes the analytical first step")
     group.add_argument("--candidates", type=int, default=None, help="candidate noise levels of the search (default 100)")

@@ -119,7 +119,8 @@ PAPER_CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003
 """The paper's Table 5 setting for an EDM-trained ImageNet-64 model, our default churn row."""
 
 _HEUN = {"calls_per_step": 2, "saved_calls": 1}
-MULTISTEP_SOLVERS = ("ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")
+MULTISTEP_SOLVERS = ("ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "adams_alpha")
+NO_AFS_SOLVERS = ("adams_alpha",)  # solvers.SolverInfo.afs is False (kept here: listing rows needs no torch)
 
 
 def _multistep_rows() -> list[SamplerSpec]:
@@ -130,6 +131,8 @@ def _multistep_rows() -> list[SamplerSpec]:
     for solver in MULTISTEP_SOLVERS:
         name = "edm-" + solver.replace("_", "-")
         rows.append(SamplerSpec(name, OURS, f"solver {solver!r} on its default grid", solver=solver, discretization=None))
+        if solver in NO_AFS_SOLVERS:
+            continue
         rows.append(SamplerSpec(name + "-afs", OURS, f"solver {solver!r} on its default grid, analytical first step",
                                 solver=solver, discretization=None, solver_options={"afs": True}, saved_calls=1))
     return rows
@@ -161,7 +164,9 @@ def _recommended_rows() -> list[SamplerSpec]:
 def _other_scheduler_rows() -> list[SamplerSpec]:
     """EDMScheduler configurations outside the default set (groups "scheduler" and "all")."""
     return [edm_scheduler_row("edm-dpmpp-3m-scheduler", "EDMScheduler(solver='dpmpp_3m'): DPM-Solver++(3M), logsnr grid",
-                              "dpmpp_3m")]
+                              "dpmpp_3m"),
+            edm_scheduler_row("edm-adams-alpha-scheduler", "EDMScheduler(solver='adams_alpha'): Adams predictor-corrector "
+                              "in alpha, order 3, logsnr grid", "adams_alpha")]
 
 
 _KARRAS_ZERO = {"use_karras_sigmas": True, "final_sigmas_type": "zero", "lower_order_final": True}

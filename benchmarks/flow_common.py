@@ -82,6 +82,18 @@ PROBLEMS: dict[str, Callable[[], GaussianOracle | GaussianMixtureOracle]] = {
     "mixture-stiff": lambda: builtin_mixture(SHAPE).in_basis_coordinates(),
 }
 
+HELD_OUT: dict[str, Callable[[], GaussianOracle | GaussianMixtureOracle]] = {
+    "unit": lambda: pixel_gaussian(0.8, 1.2),
+    "small": lambda: pixel_gaussian(0.1, 0.4),
+    "broad": lambda: pixel_gaussian(0.02, 2.0),
+    "large": lambda: pixel_gaussian(1.0, 3.0),
+    "image-latent": lambda: image_gaussian(1.5, 0.2, 2.0),
+    "mixture-narrow": lambda: mixture([(1.0, 0.5, 2.0), (0.9, 0.5, 1.5), (1.1, 0.6, 2.0), (0.8, 0.5, 3.0), (1.0, 0.45, 1.0),
+                                       (1.2, 0.5, 2.5)]),
+}
+"""Six more spectra, added after the default grids and adams_alpha were chosen on PROBLEMS, to
+check them on data they were not chosen on (`--problems unit,small,...`)."""
+
 
 def data_mean(oracle: GaussianOracle | GaussianMixtureOracle) -> torch.Tensor:
     """E[y]: the ideal denoiser at pure noise."""

@@ -218,7 +218,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             "dpmpp_3m", "unipc", "deis", "adams_alpha" (N model calls for num_inference_steps = N).
         solver_order: the order of ipndm / ipndm_v / unipc / deis / adams_alpha (None: the solver's
             default).
-        afs: the analytical first step (every solver but heun): the first model call is replaced
+        afs: the analytical first step (every solver but heun and adams_alpha): the first model call is replaced
             by the data-mean estimate D = 0, so N calls cover a grid of N + 1 steps.
         schedule: the grid, one of `schedules.SCHEDULES` ("karras", "logsnr", "time_uniform",
             "time_quadratic", "vp", "ve", "iddpm", "ays", "gits"); None: the solver's own

@@ -13,8 +13,8 @@ from the same noise at t = 1 (pure noise), the trajectory SD3 / Flux sample.
 
 Ours: `EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=s).config, solver=...)`
 with `num_inference_steps = NFE` and nothing else: dpmpp_2m, dpmpp_3m, unipc (order 2),
-unipc order 3 and adams_alpha (order 3), each on its default grid from pure noise. Theirs (`diffusers_flow_schedulers`):
-FlowMatchEuler, FlowMatchHeun (odd NFE), DPM-Solver++ 2M / 3M and UniPC-2 / 3 with
+unipc order 3 and adams_alpha (order 3), each on its default grid from pure noise. Theirs
+(`diffusers_flow_schedulers`): FlowMatchEuler, FlowMatchHeun (odd NFE), DPM-Solver++ 2M / 3M and UniPC-2 / 3 with
 use_flow_sigmas. Two ratios per NFE: best ours / best of the issue's four in their default
 configuration (FlowMatchEuler, FlowMatchHeun, DPM-Solver++ 2M flow, UniPC-2 flow), and best
 ours / best of all six (their order-3 settings too).

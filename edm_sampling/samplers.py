@@ -48,6 +48,7 @@ from .solvers import (
     churn_gammas,
     churn_noise_std,
     euler_step,
+    family_options,
     heun_step,
     initial_noise_std,
     make_plan,
@@ -343,8 +344,8 @@ def sample(
     if info.churn and s_churn > 0:
         options.update(sigma_hats=hats, s_noise=s_noise)
     family = getattr(denoiser, "family", None)
-    if family is not None and "sigma_data" in (info.plan.__kwdefaults__ or {}):
-        options.setdefault("sigma_data", family.data_std)
+    if family is not None:
+        options = {**family_options(solver, family.data_std), **options}
     plan = make_plan(solver, grid, **options)
     return execute_plan(plan, denoiser, latents, generator=generator, model_kwargs=model_kwargs, callback=callback,
                         check_finite=check_finite, state_dtype=state_dtype, progress=progress)

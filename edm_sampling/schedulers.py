@@ -93,6 +93,7 @@ from .solvers import (
     SolverPlan,
     Step,
     check_churn,
+    family_options,
     initial_noise_std,
     linear_coefficients,
     make_plan,
@@ -553,8 +554,7 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             options["afs"] = True
         if self.config.final_step is not None:
             options["final_step"] = self.config.final_step
-        if "sigma_data" in (info.plan.__kwdefaults__ or {}):
-            options["sigma_data"] = self._family.data_std
+        options.update(family_options(self.config.solver, self._family.data_std))
         if info.churn:
             options.update(sigma_hats=list(hats), s_noise=self.config.s_noise)
         return make_plan(self.config.solver, grid, **options)

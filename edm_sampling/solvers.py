@@ -684,15 +684,15 @@ def unipc_plan(
 # --- Adams predictor-corrector in the signal fraction alpha ----------------------------------------
 
 
-def signal_fraction(sigma: float, sigma_data: float = 1.0) -> float:
+def signal_fraction(sigma: float | np.ndarray, sigma_data: float = 1.0) -> float | np.ndarray:
     """alpha = sigma_data / sqrt(sigma_data^2 + sigma^2): 0 at pure noise (sigma = inf), 1 at the
     data (sigma = 0); sqrt(c_skip) of EDM's preconditioning, VP's alpha for sigma_data = 1."""
-    return 0.0 if sigma == math.inf else sigma_data / math.sqrt(sigma_data**2 + sigma**2)
+    return sigma_data / np.sqrt(sigma_data**2 + np.square(sigma))
 
 
 def _alpha_lagrange(nodes: Sequence[float], alpha: np.ndarray, sigma_data: float) -> np.ndarray:
     """L_k(alpha), k over `nodes` (sigmas), the Lagrange basis on the nodes' alphas; shape (k, points)."""
-    node_alphas = [signal_fraction(s, sigma_data) for s in nodes]
+    node_alphas = signal_fraction(np.asarray(nodes, dtype=np.float64), sigma_data)
     basis = np.ones((len(nodes), alpha.size))
     for k, alpha_k in enumerate(node_alphas):
         for j, alpha_j in enumerate(node_alphas):
@@ -731,8 +731,7 @@ def adams_alpha_update(
         log_u, log_u_next = -math.log(sigma), math.log(u_next)
         u = np.exp(0.5 * (log_u_next - log_u) * points + 0.5 * (log_u_next + log_u))
         du = 0.5 * (log_u_next - log_u) * weights * u
-    alpha = sigma_data * u / np.sqrt(1.0 + (sigma_data * u) ** 2)
-    integrals = _alpha_lagrange(nodes, alpha, sigma_data) @ du
+    integrals = _alpha_lagrange(nodes, signal_fraction(1.0 / u, sigma_data), sigma_data) @ du
     return exponential_decay(x, sigma, sigma_next) + sigma_next * float(integrals @ np.asarray(denoised, dtype=np.float64))
 
 
@@ -852,6 +851,12 @@ def solver_info(solver: str) -> SolverInfo:
     if not (isinstance(solver, str) and solver in SOLVERS):
         raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
     return SOLVERS[solver]
+
+
+def family_options(solver: str, data_std: float) -> dict[str, Any]:
+    """The options `solver` takes from the model family: `sigma_data` = the family's data std
+    (`Family.data_std`) for the solvers that interpolate in alpha (adams_alpha); else none."""
+    return {"sigma_data": data_std} if "sigma_data" in (solver_info(solver).plan.__kwdefaults__ or {}) else {}
 
 
 def make_plan(solver: str, sigmas: Sequence[float] | torch.Tensor, **options: Any) -> SolverPlan:

@@ -13,6 +13,8 @@ import torch
 
 from edm_sampling.evaluation.samplers_registry import (
     DIFFUSERS,
+    MULTISTEP_SOLVERS,
+    NO_AFS_SOLVERS,
     OURS,
     SAMPLERS,
     SamplerSpec,
@@ -21,6 +23,7 @@ from edm_sampling.evaluation.samplers_registry import (
     run_sampler,
 )
 from edm_sampling.evaluation.sweep import SweepConfig, run_sweep
+from edm_sampling.solvers import SOLVERS
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +186,13 @@ def test_each_edm_scheduler_row_equals_its_core_equivalent(gaussian_model, name)
     assert ours.nfe == core.nfe == 9
     torch.testing.assert_close(ours.sample, core.sample, rtol=1e-5, atol=1e-5)
     assert core_equivalent(SAMPLERS["ddim"]) is None
+
+
+def test_multistep_rows_follow_the_solver_registry():
+    """The registry lists rows without importing torch, so it keeps its own solver names and
+    the ones without afs: both must match `solvers.SOLVERS`."""
+    assert set(MULTISTEP_SOLVERS) == set(SOLVERS) - {"heun", "euler"}
+    assert set(NO_AFS_SOLVERS) == {name for name, info in SOLVERS.items() if not info.afs} - {"heun"}
+    for solver in MULTISTEP_SOLVERS:
+        name = "edm-" + solver.replace("_", "-")
+        assert name in SAMPLERS and ((name + "-afs") in SAMPLERS) == (solver not in NO_AFS_SOLVERS)

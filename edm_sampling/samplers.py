@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,6 +40,7 @@ from .schedules import (
     vp_schedule,
 )
 from .solvers import (
+    ADAPTIVE_LOOKBACK,
     MAX_GAMMA,
     SOLVERS as SOLVER_REGISTRY,
     Combination,
@@ -52,6 +54,7 @@ from .solvers import (
     heun_step,
     initial_noise_std,
     make_plan,
+    motion_gram,
     ode_slope,
     sigma_hats,
     solver_info,
@@ -203,6 +206,34 @@ def _evaluate(
     return denoised
 
 
+def contributes(coefficient: float | np.ndarray) -> bool:
+    """Whether a coefficient contributes: an array (one per sample, `Step.adapt`) always does."""
+    return isinstance(coefficient, np.ndarray) or coefficient != 0.0
+
+
+def per_sample(coefficient: float | np.ndarray, like: torch.Tensor) -> float | torch.Tensor:
+    """A float as it is; an array of one coefficient per sample as a tensor broadcasting over
+    `like`'s sample dimensions, in its dtype and on its device."""
+    if not isinstance(coefficient, np.ndarray):
+        return coefficient
+    values = torch.as_tensor(coefficient, dtype=torch.float64).to(like.dtype)
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+
+
+def weighted_sum(terms: Sequence[tuple[float | np.ndarray, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k T_k as one multiply and fused in-place adds (zeros like `like` for no terms);
+    a coefficient is a float or an array with one entry per sample (`per_sample`)."""
+    if not terms:
+        return torch.zeros_like(like)
+    result = torch.mul(terms[0][1], per_sample(terms[0][0], terms[0][1]))
+    for coefficient, tensor in terms[1:]:
+        if isinstance(coefficient, np.ndarray):
+            result.addcmul_(tensor, per_sample(coefficient, tensor))
+        else:
+            result.add_(tensor, alpha=coefficient)
+    return result
+
+
 def combine_update(
     update: Combination,
     states: deque,
@@ -214,19 +245,15 @@ def combine_update(
     in-place adds (D None, the analytical first step's zero estimate, adds nothing).
 
     States may be stored scaled, X[-1-k] = states[-1-k] / state_scales[-1-k] (the scheduler keeps
-    them in the pipeline's scale); every scale is folded into the Python-float coefficients."""
+    them in the pipeline's scale); every scale is folded into the coefficients."""
     terms = [
         (out_scale * c / (state_scales[-1 - k] if state_scales is not None else 1.0), states[-1 - k])
         for k, c in enumerate(update.states)
-        if c != 0.0
+        if contributes(c)
     ]
-    terms += [(out_scale * c, denoised[-1 - j]) for j, c in enumerate(update.denoised) if c != 0.0 and denoised[-1 - j] is not None]
-    if not terms:
-        return torch.zeros_like(states[-1])
-    result = torch.mul(terms[0][1], terms[0][0])
-    for coefficient, tensor in terms[1:]:
-        result.add_(tensor, alpha=coefficient)
-    return result
+    terms += [(out_scale * c, denoised[-1 - j]) for j, c in enumerate(update.denoised)
+              if contributes(c) and denoised[-1 - j] is not None]
+    return weighted_sum(terms, states[-1])
 
 
 @torch.no_grad()
@@ -266,8 +293,11 @@ def execute_plan(
             nfe += 1
         if k == 0 or plan.steps[k - 1].index != step.index:
             first_denoised = denoised[-1]
+        updates = step.updates
+        if step.adapt is not None:
+            updates = step.adapt(motion_gram([denoised[-1 - j] for j in range(ADAPTIVE_LOOKBACK)]))
         clean = states[-1]
-        for update in step.updates:
+        for update in updates:
             clean = combine_update(update, states, denoised)
             new = clean
             if update.noise_std > 0:
@@ -308,7 +338,7 @@ def sample(
     """Solve the probability-flow ODE from pure noise down the grid `sigmas` with any registered
     `solver` (`solvers.SOLVERS`), through its plan.
 
-    `latents` ~ N(0, I). `alpha` (heun), `order` (ipndm, ipndm_v, unipc, deis, adams_alpha), `afs` (every
+    `latents` ~ N(0, I). `alpha` (heun), `order` (ipndm, ipndm_v, unipc, deis, adams_alpha(_adaptive)), `afs` (every
     one-call-per-step solver) and `solver_options` (e.g. unipc's corrector / variant) go to the
     solver's plan; an option it does not take is a ValueError. Churn (Algorithm 2: euler and heun
     only; s_churn > 0 with another solver is a ValueError naming s_churn) starts the state at

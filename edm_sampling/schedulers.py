@@ -19,7 +19,7 @@ module only maps the pipeline protocol onto them:
   VP, EDM and flow models start from noise of std ~1 and work in pipelines that never scale
   (DDPM, DDIM, SD3, Flux); after the last call the state is the sample, in data space;
 - flow models with the solvers that can start from pure noise (euler, dpmpp_2m / 3m, unipc,
-  adams_alpha)
+  adams_alpha, adams_alpha_adaptive)
   start at t = 1 (sigma = inf), where SD3 / Flux start: the state there is x_t = n, held as
   x_edm / sigma (`solvers`); heun, ipndm, ipndm_v and deis start at sigma_max;
 - one `step` per model call: the plan's Step of that call (D from the network output, then
@@ -50,6 +50,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
@@ -76,7 +77,7 @@ from .families import (
     read_scheduler_config,
 )
 from .safety.inputs import InvalidArgument, check_kinds
-from .samplers import check_generator, churned_grid, randn
+from .samplers import check_generator, churned_grid, contributes, randn, weighted_sum
 from .schedules import (
     SCHEDULES,
     check_num_steps,
@@ -88,8 +89,10 @@ from .schedules import (
     sigma_grid,
 )
 from .solvers import (
+    ADAPTIVE_LOOKBACK,
     FINAL_STEPS,
     SOLVERS,
+    Combination,
     SolverPlan,
     Step,
     check_churn,
@@ -97,6 +100,7 @@ from .solvers import (
     initial_noise_std,
     linear_coefficients,
     make_plan,
+    motion_gram,
     solver_info,
 )
 
@@ -112,12 +116,13 @@ _MODEL_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", 
                "prediction_type")
 
 
-_Term = tuple[float, bool, int]  # (coefficient, from D (else from X), look-back k: X[-1-k] / D[-1-k])
+_Term = tuple[float | np.ndarray, bool, int]  # (coefficient, from D (else from X), look-back k: X[-1-k] / D[-1-k])
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One model call of a plan, compiled to Python floats (no host-device sync in `step`).
+    """One model call of a plan, compiled to Python floats (no host-device sync in `step`; a
+    data-adaptive step, `Step.adapt`, is folded in `step` from its outputs, one sync per call).
 
     The history is kept as the scheduler stores it: a state X[j] that was handed to the
     pipeline is stored in the pipeline's scale (x_edm * state_scale of the call it was handed
@@ -138,6 +143,23 @@ class _Call:
     start_std: float
     signal_scale: float
     updates: tuple[tuple[tuple[_Term, ...], float], ...]  # per update: its terms, its noise std
+    folding: tuple[tuple[float, ...], tuple[bool, ...], tuple[float, ...]] | None = None  # `_fold_updates`'s
+    # scales, kept for a data-adaptive step (`Step.adapt`), whose updates are folded at `step`
+
+
+def _fold_updates(
+    updates: Sequence[Combination], state_scales: Sequence[float], has_denoised: Sequence[bool], outs: Sequence[float]
+) -> tuple[tuple[tuple[_Term, ...], float], ...]:
+    """A call's updates as `_Call.updates`: each update's result stored at scale outs[u], a state
+    X[-1-j] read at state_scales[-1-j] (the states of this call's earlier updates included), the
+    terms of a missing D (a skipped call's D = 0) dropped."""
+    scales, folded = list(state_scales), []
+    for update, out in zip(updates, outs):
+        terms = [(out * w / scales[-1 - j], False, j) for j, w in enumerate(update.states) if contributes(w)]
+        terms += [(out * w, True, j) for j, w in enumerate(update.denoised) if contributes(w) and has_denoised[-1 - j]]
+        folded.append((tuple(terms), update.noise_std * out))
+        scales.append(out)
+    return tuple(folded)
 
 
 def _prefix_scales(plan: SolverPlan) -> tuple[list[float], int]:
@@ -216,10 +238,11 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
     Args:
         solver: one of `solvers.SOLVERS`: "heun" (EDM's sampler, the default: N steps cost
             2N - 1 model calls, `order` = 2), "euler", "ipndm", "ipndm_v", "dpmpp_2m",
-            "dpmpp_3m", "unipc", "deis", "adams_alpha" (N model calls for num_inference_steps = N).
-        solver_order: the order of ipndm / ipndm_v / unipc / deis / adams_alpha (None: the solver's
-            default).
-        afs: the analytical first step (every solver but heun and adams_alpha): the first model call is replaced
+            "dpmpp_3m", "unipc", "deis", "adams_alpha", "adams_alpha_adaptive" (N model calls for
+            num_inference_steps = N).
+        solver_order: the order of ipndm / ipndm_v / unipc / deis / adams_alpha(_adaptive) (None:
+            the solver's default).
+        afs: the analytical first step (every solver but heun and the adams_alpha ones): the first model call is replaced
             by the data-mean estimate D = 0, so N calls cover a grid of N + 1 steps.
         schedule: the grid, one of `schedules.SCHEDULES` ("karras", "logsnr", "time_uniform",
             "time_quadratic", "vp", "ve", "iddpm", "ays", "gits"); None: the solver's own
@@ -577,17 +600,14 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
                 return c_skip * x / scale + c_out * self._family.net_output(out, sigma)
 
             has_denoised.append(True)
-            updates = []
-            for u, update in enumerate(step.updates):
-                out = (scales[k + 1] if k + 1 < len(steps) else 1.0) if u + 1 == len(step.updates) else 1.0
-                terms = [(out * w / state_scales[-1 - j], False, j) for j, w in enumerate(update.states) if w != 0.0]
-                terms += [(out * w, True, j) for j, w in enumerate(update.denoised) if w != 0.0 and has_denoised[-1 - j]]
-                updates.append((tuple(terms), update.noise_std * out))
-                state_scales.append(out)
+            outs = tuple((scales[k + 1] if k + 1 < len(steps) else 1.0) if u + 1 == len(step.updates) else 1.0
+                         for u in range(len(step.updates)))
+            folding = (tuple(state_scales), tuple(has_denoised), outs)
+            state_scales.extend(outs)
             start_std = initial_noise_std(step.level, step.sigma, self.config.s_noise)
             signal_scale = 0.0 if step.sigma == math.inf else scales[k]
             calls.append(_Call(k, step, step.sigma, scales[k], linear_coefficients(denoised, 2), start_std, signal_scale,
-                               tuple(updates)))
+                               _fold_updates(step.updates, *folding), folding if step.adapt is not None else None))
         return calls
 
     # --- set_timesteps ----------------------------------------------------------------------------
@@ -789,14 +809,13 @@ class EDMScheduler(SchedulerMixin, ConfigMixin):
             output = output.to(dtype)
         x_denoised = torch.mul(states[-1] if seen is None else seen, call.denoised[0]).add_(output, alpha=call.denoised[1])
         history.append(x_denoised)
-        for terms, noise_std in call.updates:
-            if not terms:
-                new = torch.zeros_like(states[-1])
-            else:
-                w, from_denoised, k = terms[0]
-                new = torch.mul((history if from_denoised else states)[-1 - k], w)
-                for w, from_denoised, k in terms[1:]:
-                    new.add_((history if from_denoised else states)[-1 - k], alpha=w)
+        updates = call.updates
+        if call.folding is not None:
+            gram = motion_gram([history[-1 - j] for j in range(ADAPTIVE_LOOKBACK)])
+            updates = _fold_updates(call.step.adapt(gram), *call.folding)
+        for terms, noise_std in updates:
+            new = weighted_sum([(w, (history if from_denoised else states)[-1 - k]) for w, from_denoised, k in terms],
+                               states[-1])
             if noise_std:
                 new.add_(randn(new.shape, generator, new.device, dtype), alpha=noise_std)
             states.append(new)

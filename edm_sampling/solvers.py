@@ -11,9 +11,16 @@ formula with unit inputs (`linear_coefficients`), in float64, at set-up.
 
 Solvers (`SOLVERS`): euler, heun (Karras et al. 2022, Algorithms 1 and 2, alpha-generalized),
 ipndm / ipndm_v (Zhang & Chen 2023; Zhou et al. 2024), dpmpp_2m / dpmpp_3m (Lu et al. 2022,
-DPM-Solver++), unipc (Zhao et al. 2023, bh2) and deis (Zhang & Chen 2023, tAB). Churn applies to
+DPM-Solver++), unipc (Zhao et al. 2023, bh2), deis (Zhang & Chen 2023, tAB), and ours,
+adams_alpha (Adams in the signal fraction alpha) and adams_alpha_adaptive. Churn applies to
 euler and heun; the analytical first step (`afs`, Dockhorn et al. 2022 / Zhou et al. 2024: D = 0,
-the data mean, at sigma_max instead of a model call) to every one-call-per-step solver.
+the data mean, at sigma_max instead of a model call) to every one-call-per-step solver but the
+adams_alpha ones.
+
+One exception to fixed coefficients: adams_alpha_adaptive fits its interpolation scale to each
+sample's own model outputs at every call (`interpolation_scale`), so its steps carry `adapt`, a
+function from the outputs' Gram matrices to per-sample coefficients, which both executors call
+(`Step.adapt`); everything else about the plan (look-back, scales, parity) is shared.
 
 Pure noise (sigma_0 = inf, where flow-matching pipelines start, t = 1): x_edm / sigma -> n as
 sigma -> inf, so a state at sigma = inf is held as x / sigma, the noise itself (X[0] = latents,
@@ -31,7 +38,7 @@ iPNDM and DEIS step in sigma (or t) and cannot start there (`SolverInfo.infinite
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -44,6 +51,8 @@ MAX_GAMMA = math.sqrt(2.0) - 1.0
 LOWER_ORDER_FINAL_BELOW = 15
 """DPM-Solver++ / UniPC lower the order of the last steps on grids of fewer steps than this
 (DPM-Solver++, Lu et al. 2022: it stabilizes sampling with < 15 steps, especially <= 10)."""
+GAUSS_LEGENDRE_32 = np.polynomial.legendre.leggauss(32)
+"""Nodes and weights of 32-point Gauss-Legendre quadrature on [-1, 1] (DEIS's and adams_alpha's integrals)."""
 
 
 # --- step rules (Algorithm 1) -----------------------------------------------------------------
@@ -123,10 +132,12 @@ def initial_noise_std(sigma_0: float, sigma_hat_0: float, s_noise: float = 1.0) 
 
 @dataclass(frozen=True)
 class Combination:
-    """new = sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j] + noise_std eps, eps ~ N(0, I)."""
+    """new = sum_k states[k] X[-1-k] + sum_j denoised[j] D[-1-j] + noise_std eps, eps ~ N(0, I).
+    A coefficient is a float, or in a data-adaptive step (`Step.adapt`) an array with one entry
+    per sample."""
 
-    states: tuple[float, ...]
-    denoised: tuple[float, ...] = ()
+    states: tuple[float | np.ndarray, ...]
+    denoised: tuple[float | np.ndarray, ...] = ()
     noise_std: float = 0.0
 
 
@@ -140,6 +151,15 @@ class Step:
     level: float  # the grid level this call belongs to (before churn)
     index: int  # the grid step i
     updates: tuple[Combination, ...]
+    adapt: Callable[[np.ndarray], tuple[Combination, ...]] | None = None
+    """A data-adaptive step (adams_alpha_adaptive): the executor hands it the Gram matrices of each
+    sample's last ADAPTIVE_LOOKBACK model outputs (`motion_gram`, newest first) and uses its
+    result instead of `updates`: Combinations whose coefficients are float64 arrays, one entry per
+    sample (`updates` holds the same terms at the default scale, so the same look-back)."""
+
+
+ADAPTIVE_LOOKBACK = 3
+"""D outputs a data-adaptive step reads (D_i, D_{i-1}, D_{i-2})."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,8 @@ class SolverPlan:
         updates = [u for step in self.steps for u in step.updates]
         object.__setattr__(self, "nfe", sum(step.sigma is not None for step in self.steps))
         object.__setattr__(self, "state_history", max([1] + [len(u.states) for u in updates]))
-        object.__setattr__(self, "denoised_history", max([1] + [len(u.denoised) for u in updates]))
+        adaptive = [ADAPTIVE_LOOKBACK for step in self.steps if step.adapt is not None]
+        object.__setattr__(self, "denoised_history", max([1] + [len(u.denoised) for u in updates] + adaptive))
 
 
 def linear_coefficients(fn: Callable[..., float], num_inputs: int) -> tuple[float, ...]:
@@ -342,7 +363,7 @@ def _lagrange_integrals(nodes: Sequence[float], a: float, b: float, tau: Callabl
     on the points tau(nodes[k]): the weights of a variable-step Adams-Bashforth rule that
     interpolates the slope as a polynomial in tau. 32-point Gauss-Legendre in sigma (exact for
     tau = sigma, orders <= 4; near machine precision for a smooth tau)."""
-    points, weights = np.polynomial.legendre.leggauss(32)
+    points, weights = GAUSS_LEGENDRE_32
     sigma = 0.5 * (b - a) * points + 0.5 * (b + a)
     t, t_nodes = tau(sigma), tau(np.asarray(nodes, dtype=np.float64))
     integrals = []
@@ -690,15 +711,48 @@ def signal_fraction(sigma: float | np.ndarray, sigma_data: float = 1.0) -> float
     return sigma_data / np.sqrt(sigma_data**2 + np.square(sigma))
 
 
-def _alpha_lagrange(nodes: Sequence[float], alpha: np.ndarray, sigma_data: float) -> np.ndarray:
-    """L_k(alpha), k over `nodes` (sigmas), the Lagrange basis on the nodes' alphas; shape (k, points)."""
-    node_alphas = signal_fraction(np.asarray(nodes, dtype=np.float64), sigma_data)
-    basis = np.ones((len(nodes), alpha.size))
-    for k, alpha_k in enumerate(node_alphas):
-        for j, alpha_j in enumerate(node_alphas):
+def _alpha_difference(sigma_a: float | np.ndarray, sigma_b: float, scale: np.ndarray) -> np.ndarray:
+    """alpha(sigma_a) - alpha(sigma_b) at sigma_data = scale (`signal_fraction`; alpha(inf) = 0),
+    without cancellation where both are near 1: c (sigma_b^2 - sigma_a^2) / (r_a r_b (r_a + r_b)),
+    r = sqrt(c^2 + sigma^2). sigma_b is one level; sigma_a one level or finite levels."""
+    a_inf = np.ndim(sigma_a) == 0 and math.isinf(sigma_a)
+    if math.isinf(sigma_b):
+        return np.zeros_like(scale) if a_inf else scale / np.sqrt(scale**2 + np.square(sigma_a))
+    r_b = np.sqrt(scale**2 + sigma_b**2)
+    if a_inf:
+        return -scale / r_b
+    r_a = np.sqrt(scale**2 + np.square(sigma_a))
+    return scale * (sigma_b - sigma_a) * (sigma_b + sigma_a) / (r_a * r_b * (r_a + r_b))
+
+
+def _alpha_lagrange(nodes: Sequence[float], sigmas: np.ndarray, sigma_data: np.ndarray) -> np.ndarray:
+    """L_k(alpha(sigma)) for each sigma_data (rows), k over `nodes`, sigma over `sigmas`: the
+    Lagrange basis on the nodes' alphas (`signal_fraction`); shape (len(sigma_data), k, points)."""
+    scale = np.asarray(sigma_data, dtype=np.float64).reshape(-1, 1)
+    sigmas = np.asarray(sigmas, dtype=np.float64).reshape(1, -1)
+    basis = np.ones((scale.shape[0], len(nodes), sigmas.shape[1]))
+    for k, node_k in enumerate(nodes):
+        for j, node_j in enumerate(nodes):
             if j != k:
-                basis[k] *= (alpha - alpha_j) / (alpha_k - alpha_j)
+                basis[:, k] *= _alpha_difference(sigmas, node_j, scale) / _alpha_difference(node_k, node_j, scale)
     return basis
+
+
+def adams_alpha_weights(nodes: Sequence[float], sigma: float, sigma_next: float, sigma_data: np.ndarray) -> np.ndarray:
+    """W, shape (len(sigma_data), len(nodes)), of one `adams_alpha_update`: x_next =
+    exponential_decay(x, sigma, sigma_next) + sum_k W[:, k] D_k (at sigma_next = 0, x = sum_k W D_k)."""
+    if sigma_next == 0:
+        return _alpha_lagrange(nodes, np.zeros(1), sigma_data)[:, :, 0]
+    points, weights = GAUSS_LEGENDRE_32
+    u_next = 1.0 / sigma_next
+    if sigma == math.inf:
+        u = 0.5 * u_next * (points + 1.0)
+        du = 0.5 * u_next * weights
+    else:
+        log_u, log_u_next = -math.log(sigma), math.log(u_next)
+        u = np.exp(0.5 * (log_u_next - log_u) * points + 0.5 * (log_u_next + log_u))
+        du = 0.5 * (log_u_next - log_u) * weights * u
+    return sigma_next * (_alpha_lagrange(nodes, 1.0 / u, sigma_data) @ du)
 
 
 def adams_alpha_update(
@@ -712,27 +766,121 @@ def adams_alpha_update(
 
         x_next = (sigma_next / sigma) x + sigma_next sum_k D_k integral_{u}^{u_next} L_k(alpha(u)) du,
 
-    the integrals by 32-point Gauss-Legendre (in log u; in u from pure noise, u = 0). At
-    sigma_next = 0 the limit is x = sum_k L_k(1) D_k: D extrapolated to the data. Why alpha and
-    not lambda = -log sigma (DPM-Solver++, UniPC): along the trajectory of data of std a, D -
-    E[y] = a alpha_a n with alpha_a the signal fraction at sigma_data = a, so D is linear in
-    alpha for data of std sigma_data and smooth in alpha at both ends (D = E[y] + O(alpha) at
-    pure noise, D = y + O(1 - alpha) ~ O(sigma^2) at the data), where it is exponential in lambda.
-    Exact for D polynomial in alpha of degree < len(nodes); as predictor (nodes sigma_i, sigma_{i-1},
-    ...) an Adams-Bashforth rule, as corrector (nodes sigma_next, sigma_i, ...) Adams-Moulton."""
-    if sigma_next == 0:
-        return float(_alpha_lagrange(nodes, np.ones(1), sigma_data)[:, 0] @ np.asarray(denoised, dtype=np.float64))
-    points, weights = np.polynomial.legendre.leggauss(32)
-    u_next = 1.0 / sigma_next
-    if sigma == math.inf:
-        u = 0.5 * u_next * (points + 1.0)
-        du = 0.5 * u_next * weights
+    the integrals by 32-point Gauss-Legendre (in log u; in u from pure noise, u = 0)
+    (`adams_alpha_weights`). At sigma_next = 0 the limit is x = sum_k L_k(1) D_k: D extrapolated
+    to the data. Why alpha and not lambda = -log sigma (DPM-Solver++, UniPC): along the trajectory
+    of data of std a, D - E[y] = a alpha_a n with alpha_a the signal fraction at sigma_data = a,
+    so D is linear in alpha for data of std sigma_data and smooth in alpha at both ends (D = E[y] +
+    O(alpha) at pure noise, D = y + O(1 - alpha) ~ O(sigma^2) at the data), where it is
+    exponential in lambda. Exact for D polynomial in alpha of degree < len(nodes); as predictor
+    (nodes sigma_i, sigma_{i-1}, ...) an Adams-Bashforth rule, as corrector (nodes sigma_next,
+    sigma_i, ...) Adams-Moulton."""
+    weights = adams_alpha_weights(nodes, sigma, sigma_next, np.array([sigma_data]))[0]
+    combined = float(weights @ np.asarray(denoised, dtype=np.float64))
+    return combined if sigma_next == 0 else exponential_decay(x, sigma, sigma_next) + combined
+
+
+def motion_gram(denoised: Sequence[torch.Tensor]) -> np.ndarray:
+    """Per sample, the Gram matrix of the steps between consecutive model outputs (newest first:
+    D_i - D_{i-1}, D_{i-1} - D_{i-2}, ...), float64, on the host: all an adaptive step needs of
+    them (one device-to-host copy of a few numbers per sample)."""
+    flat = [d.detach().to(torch.float64).flatten(1) for d in denoised]
+    steps = torch.stack([newer - older for newer, older in zip(flat[:-1], flat[1:])], 1)
+    return (steps @ steps.transpose(1, 2)).cpu().numpy()
+
+
+ADAPTIVE_SCALE_RANGE = 64.0
+"""adams_alpha_adaptive's interpolation scale stays within sigma_data / 64 .. sigma_data * 64."""
+
+
+def interpolation_scale(gram: np.ndarray, nodes: Sequence[float], sigma: float, sigma_data: float = 1.0) -> np.ndarray:
+    """Per sample, the scale c on which the newest model output is best predicted from the two
+    before it: with D_{i-1} at nodes[0], D_{i-2} at nodes[1] and D_i at `sigma`, the line in
+    alpha_c = `signal_fraction`(., c) through the first two predicts D_{i-1} - w(c) (D_{i-1} -
+    D_{i-2}) at sigma, w(c) its weight of D_{i-2}, and c minimizes the residual |d_1 + w(c) d_2|^2
+    (d_1 = D_i - D_{i-1}, d_2 = D_{i-1} - D_{i-2}; `gram` their Gram matrices, `motion_gram`): w(c)
+    = -<d_1, d_2> / |d_2|^2, solved by bisection in log c (w is monotone in c).
+
+    Leave-one-out calibration of the interpolation variable on the sample's own trajectory: for
+    Gaussian data of one std a, D is linear in alpha_a (`adams_alpha_update`), so c = a, whatever
+    a; for other data it picks the scale on which D moved most linearly over the last steps (the
+    between-mode motion of a mixture included, which no std describes). Within sigma_data / 64 ..
+    sigma_data * 64 (a weight out of reach takes the nearer end); sigma_data where D_{i-1} =
+    D_{i-2} (nothing to fit)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    moving = gram[:, 1, 1] > 0
+    target = -gram[:, 0, 1] / np.where(moving, gram[:, 1, 1], 1.0)
+
+    def weight(log_scale: np.ndarray) -> np.ndarray:
+        scale = np.exp(log_scale)
+        return _alpha_difference(sigma, nodes[0], scale) / _alpha_difference(nodes[1], nodes[0], scale)
+
+    low = np.full(gram.shape[0], math.log(sigma_data / ADAPTIVE_SCALE_RANGE))
+    high = np.full(gram.shape[0], math.log(sigma_data * ADAPTIVE_SCALE_RANGE))
+    increasing = weight(high) > weight(low)
+    for _ in range(40):  # the bracket, log(64^2), to ~1e-11
+        middle = 0.5 * (low + high)
+        up = (weight(middle) < target) == increasing
+        low, high = np.where(up, middle, low), np.where(up, high, middle)
+    return np.where(moving, np.exp(0.5 * (low + high)), float(sigma_data))
+
+
+def _adams_alpha_updates(
+    levels: tuple[float, ...], i: int, order: int, corrector: bool, final_step: str, stds: np.ndarray
+) -> tuple[Combination, ...]:
+    """Step i's updates with D interpolated in alpha at sigma_data = stds (one per sample): the
+    corrector of x_i (x_{i-1} is X[-2]; X[-1] is the predicted x_i), then the predictor of
+    x_{i+1}, both through D_i, D_{i-1}, ... (`adams_alpha_weights`)."""
+    nodes = levels[i::-1][:order]
+
+    def combination(sigma: float, sigma_next: float, num_states: int) -> Combination:
+        weights = adams_alpha_weights(nodes, sigma, sigma_next, stds)
+        states = () if sigma_next == 0 else (0.0,) * (num_states - 1) + (exponential_decay(1.0, sigma, sigma_next),)
+        return Combination(states, tuple(weights[:, k] for k in range(len(nodes))))
+
+    if levels[i + 1] == 0 and final_step == "denoise":
+        predictor = _final_update(levels, i, False, final_step)
     else:
-        log_u, log_u_next = -math.log(sigma), math.log(u_next)
-        u = np.exp(0.5 * (log_u_next - log_u) * points + 0.5 * (log_u_next + log_u))
-        du = 0.5 * (log_u_next - log_u) * weights * u
-    integrals = _alpha_lagrange(nodes, signal_fraction(1.0 / u, sigma_data), sigma_data) @ du
-    return exponential_decay(x, sigma, sigma_next) + sigma_next * float(integrals @ np.asarray(denoised, dtype=np.float64))
+        predictor = combination(levels[i], levels[i + 1], 1)
+    return (combination(levels[i - 1], levels[i], 2), predictor) if corrector and i > 0 else (predictor,)
+
+
+def _as_floats(updates: tuple[Combination, ...]) -> tuple[Combination, ...]:
+    """Updates built for one sigma_data with Python-float coefficients."""
+
+    def scalar(values: tuple[float | np.ndarray, ...]) -> tuple[float, ...]:
+        return tuple(float(np.asarray(v).reshape(-1)[0]) for v in values)
+
+    return tuple(Combination(scalar(u.states), scalar(u.denoised), u.noise_std) for u in updates)
+
+
+def _adams_alpha(
+    solver: str, sigmas: Sequence[float] | torch.Tensor, order: int, corrector: bool, sigma_data: float, final_step: str,
+    adaptive: bool,
+) -> SolverPlan:
+    levels = _levels(sigmas, solver)
+    _check_order(order, 4, solver)
+    if not isinstance(corrector, bool):
+        raise ValueError(f"corrector must be True or False, got {corrector!r}")
+    check_kinds(sigma_data=(sigma_data, "real"))
+    if not (math.isfinite(sigma_data) and sigma_data > 0):
+        raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
+    _check_final_step(final_step)
+    default = np.array([float(sigma_data)])
+    plan = _multistep_plan(solver, levels, False,
+                           lambda i: _as_floats(_adams_alpha_updates(levels, i, order, corrector, final_step, default)))
+    if not adaptive or order == 1:
+        return plan
+
+    def adapt_of(i: int) -> Callable[[np.ndarray], tuple[Combination, ...]]:
+        def adapt(gram: np.ndarray) -> tuple[Combination, ...]:
+            scales = interpolation_scale(gram, (levels[i - 1], levels[i - 2]), levels[i], sigma_data)
+            return _adams_alpha_updates(levels, i, order, corrector, final_step, scales)
+
+        return adapt
+
+    steps = tuple(replace(step, adapt=adapt_of(step.index)) if step.index >= 2 else step for step in plan.steps)
+    return SolverPlan(plan.solver, plan.sigmas, plan.init_std, steps, plan.sigma_hats)
 
 
 def adams_alpha_plan(
@@ -748,36 +896,21 @@ def adams_alpha_plan(
     data, 0.5 for EDM's pixels; the scheduler and `samplers.sample` pass the family's
     `data_std`). Order `order` (the corrector lowers the constant, not the order); each step
     from order 2 on is exact for Gaussian data of std sigma_data, the first (one node) is not."""
-    levels = _levels(sigmas, "adams_alpha")
-    _check_order(order, 4, "adams_alpha")
-    if not isinstance(corrector, bool):
-        raise ValueError(f"corrector must be True or False, got {corrector!r}")
-    check_kinds(sigma_data=(sigma_data, "real"))
-    if not (math.isfinite(sigma_data) and sigma_data > 0):
-        raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
-    _check_final_step(final_step)
+    return _adams_alpha("adams_alpha", sigmas, order, corrector, sigma_data, final_step, adaptive=False)
 
-    def predictor(i: int) -> Combination:
-        if levels[i + 1] == 0 and final_step == "denoise":
-            return _final_update(levels, i, False, final_step)
-        nodes = levels[i::-1][:order]
-        return _combination(lambda x, *d: adams_alpha_update(x, d, nodes, levels[i], levels[i + 1], sigma_data), 1, len(nodes))
 
-    def corrected(i: int) -> Combination:
-        """x_i from x_{i-1} (X[-2]; X[-1] is the predicted x_i) and D_i, D_{i-1}, ... (D[-1], ...)."""
-        nodes = levels[i::-1][:order]
-
-        def update(x_predicted: float, x: float, *d: float) -> float:
-            return adams_alpha_update(x, d, nodes, levels[i - 1], levels[i], sigma_data)
-
-        return _combination(update, 2, len(nodes))
-
-    def update(i: int) -> tuple[Combination, ...]:
-        if corrector and i > 0:
-            return corrected(i), predictor(i)
-        return (predictor(i),)
-
-    return _multistep_plan("adams_alpha", levels, False, update)
+def adams_alpha_adaptive_plan(
+    sigmas: Sequence[float] | torch.Tensor, *, order: int = 3, corrector: bool = True, sigma_data: float = 1.0,
+    final_step: str = "extrapolate",
+) -> SolverPlan:
+    """`adams_alpha_plan` with the interpolation scale chosen per sample at every call from the
+    third on (`interpolation_scale`: the scale on which the sample's last three model outputs lie
+    most nearly on a line in alpha) and used for the corrector into and the predictor out of that
+    call (`Step.adapt`); the first two calls use `sigma_data`. Each step from the third call on is
+    then exact for Gaussian data of any one std, not only sigma_data's. Not a linear plan: the
+    executors hand it the Gram matrices of the last two steps between model outputs per sample
+    at each call (`motion_gram`: one device-to-host copy of 4 numbers per sample)."""
+    return _adams_alpha("adams_alpha_adaptive", sigmas, order, corrector, sigma_data, final_step, adaptive=True)
 
 
 # --- the registry --------------------------------------------------------------------------------
@@ -843,6 +976,9 @@ SOLVERS: dict[str, SolverInfo] = {
     "adams_alpha": SolverInfo(adams_alpha_plan, "Adams predictor-corrector with D interpolated in the signal fraction "
                               "alpha = 1 / sqrt(1 + sigma^2), orders 1..4 (default 3)", "logsnr", afs=False,
                               orders=(1, 4), infinite_start=True, flow_bottom_exponent=1.0),
+    "adams_alpha_adaptive": SolverInfo(adams_alpha_adaptive_plan, "adams_alpha with the interpolation scale fitted per "
+                                       "sample to its last three model outputs at every call, orders 1..4 (default 3)",
+                                       "logsnr", afs=False, orders=(1, 4), infinite_start=True, flow_bottom_exponent=1.0),
 }
 
 

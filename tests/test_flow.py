@@ -272,7 +272,7 @@ def test_sd3_img2img_strength(sd3_components):
     torch.testing.assert_close(latents, ref.sample + y, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["unipc", "dpmpp_2m", "adams_alpha"])
+@pytest.mark.parametrize("solver", ["unipc", "dpmpp_2m", "adams_alpha", "adams_alpha_adaptive"])
 def test_sd3_pipeline_from_pure_noise_equals_core_sampler(sd3_components, solver):
     """The multistep solvers start at t = 1 as SD3 does: the transformer's first timestep is 1000,
     the latents are the pipeline's N(0, I) noise itself (init_noise_sigma = 1), and the pipeline

@@ -201,7 +201,7 @@ def test_bad_pure_noise_starts_are_refused_naming_why():
     vp = EDMScheduler(solver="unipc")
     with pytest.raises(ValueError, match="sigmas"):
         vp.set_timesteps(sigmas=[math.inf, 1.0, 0.0])
-    assert set(FROM_NOISE) == {"euler", "dpmpp_2m", "dpmpp_3m", "unipc", "adams_alpha"}
+    assert set(FROM_NOISE) == {"euler", "dpmpp_2m", "dpmpp_3m", "unipc", "adams_alpha", "adams_alpha_adaptive"}
 
 
 def test_scheduler_from_pure_noise_equals_the_core_sampler_with_a_network():

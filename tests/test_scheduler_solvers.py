@@ -91,6 +91,7 @@ CASES = [
     {"solver": "deis"},
     {"solver": "adams_alpha"},
     {"solver": "adams_alpha", "solver_order": 2},
+    {"solver": "adams_alpha_adaptive"},
     {"solver": "heun", "schedule": "logsnr"},
     {"solver": "unipc", "schedule": "time_uniform"},
 ]

@@ -152,7 +152,7 @@ def test_the_first_screen_is_curated_and_every_other_row_stays_selectable():
 
     anchors = ["ddim", "euler-karras", "heun-karras", "dpmpp-2m-karras", "dpmpp-3m-karras", "unipc-bh2-karras", "deis-karras"]
     assert list(DEFAULT_SAMPLERS) == ["edm-heun", "edm-ipndm-scheduler", "edm-ipndm-afs-scheduler", "edm-unipc3-scheduler",
-                                      "edm-unipc3-afs-scheduler", *anchors]
+                                      "edm-unipc3-afs-scheduler", "edm-adams-alpha-adaptive-scheduler", *anchors]
     assert expand_sampler_names(None) == expand_sampler_names([]) == list(DEFAULT_SAMPLERS)
     assert expand_sampler_names(["all"]) == list(SAMPLERS)
     assert set().union(*(SAMPLER_GROUPS[g] for g in ("default", "paper", "core", "scheduler", "diffusers"))) == set(SAMPLERS)
@@ -165,7 +165,7 @@ def test_the_first_screen_is_curated_and_every_other_row_stays_selectable():
 
 
 @pytest.mark.parametrize("name", ["edm-ipndm-afs-scheduler", "edm-unipc3-scheduler", "edm-unipc3-afs-scheduler",
-                                  "edm-dpmpp-3m-scheduler", "edm-heun-scheduler"])
+                                  "edm-dpmpp-3m-scheduler", "edm-heun-scheduler", "edm-adams-alpha-adaptive-scheduler"])
 def test_each_edm_scheduler_row_equals_its_core_equivalent(gaussian_model, name):
     """What VE / EDM models run instead of an EDMScheduler row: the same solver, options and
     grid on the core runner, with the same model calls and samples."""

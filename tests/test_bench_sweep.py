@@ -227,7 +227,7 @@ def test_bench_on_a_folder_trained_with_the_package(tmp_path, family):
     result = run_sweep(SweepConfig(model=str(path), nfe=[3], num_samples=2, reference_steps=4, progress=False))
     names = [r["sampler"] for r in result["rows"]]
     # the scheduler loop needs a discrete VP epsilon network: EDMScheduler rows run as the same solver and grid on the core
-    assert names == ["edm-heun", "edm-ipndm", "edm-ipndm-afs", "edm-unipc3", "edm-unipc3-afs"]
+    assert names == ["edm-heun", "edm-ipndm", "edm-ipndm-afs", "edm-unipc3", "edm-unipc3-afs", "edm-adams-alpha-adaptive"]
     assert any(note.startswith("skipped ddim, euler-karras") for note in result["meta"]["notes"])
     assert all(r["nfe"] == 3 for r in result["rows"])
     assert all(np.isfinite(r["error_mean"]) for r in result["rows"])

@@ -38,11 +38,13 @@ def test_help_states_the_defaults_that_run(capsys):
     assert "samples per churn setting (default 512); with --schedule: the search seeds (default 256)" in " ".join(tune_help.split())
     assert parser.parse_args(["bench"]).model == "mixture"
     assert "--output-dir" in bench_help and "--output-dir" in tune_help
-    # the default set as the registry has it: iPNDM and UniPC-3 rows, the DPM-Solver++ 3M row in the group "scheduler"
+    # the default set as the registry has it: iPNDM, UniPC-3 and adams_alpha_adaptive rows, DPM-Solver++ 3M in "scheduler"
     from edm_sampling.evaluation.samplers_registry import SAMPLER_GROUPS
 
     assert "edm-dpmpp-3m-scheduler" in SAMPLER_GROUPS["scheduler"] and "edm-dpmpp-3m-scheduler" not in SAMPLER_GROUPS["default"]
-    assert "(iPNDM and UniPC order 3, each with and without the analytical first step)" in " ".join(bench_help.split())
+    assert ("(iPNDM and UniPC order 3, each with and without the analytical first step, and adams_alpha_adaptive)"
+            in " ".join(bench_help.split()))
+    assert "edm-adams-alpha-adaptive-scheduler" in SAMPLER_GROUPS["default"]
     assert "about 20 s on 2 CPU cores" in _help(capsys)
 
 

@@ -17,8 +17,8 @@ solution; `--model digits` the ideal denoiser of scikit-learn's 8x8 digits. It c
 EDM samplers (run as plain functions, and as EDMScheduler in a diffusers loop) with
 diffusers' DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS at equal NFE. By
 default it runs the first screen: the paper's Heun, our recommended EDMScheduler configurations
-(iPNDM and UniPC order 3, each with and without the analytical first step) and diffusers' seven
-anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others
+(iPNDM and UniPC order 3, each with and without the analytical first step, and
+adams_alpha_adaptive) and diffusers' seven anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others
 (DPM-Solver++ 3M through EDMScheduler is in the group "scheduler").
 
 Quality, lower is better everywhere: the per-sample RMSE to the ODE solution from the same
@@ -150,7 +150,8 @@ def register(subparsers) -> None:
     group.add_argument("--schedule", action="store_true",
                        help="search a step schedule (see above) instead of churn; writes a schedule file")
     group.add_argument("--solver", default=None,
-                       help="the solver the schedule is for: heun, euler, ipndm, ipndm_v, dpmpp_2m, dpmpp_3m, unipc, deis, adams_alpha "
+                       help="the solver the schedule is for: heun, euler, ipndm, ipndm_v, dpmpp_2m, dpmpp_3m, unipc, deis, adams_alpha, "
+                            "adams_alpha_adaptive "
                             "(default ipndm)")
     group.add_argument("--afs", action="store_true", help="the solver takes the analytical first step")
     group.add_argument("--candidates", type=int, default=None, help="candidate noise levels of the search (default 100)")

@@ -119,8 +119,8 @@ PAPER_CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003
 """The paper's Table 5 setting for an EDM-trained ImageNet-64 model, our default churn row."""
 
 _HEUN = {"calls_per_step": 2, "saved_calls": 1}
-MULTISTEP_SOLVERS = ("ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "adams_alpha")
-NO_AFS_SOLVERS = ("adams_alpha",)  # solvers.SolverInfo.afs is False (kept here: listing rows needs no torch)
+MULTISTEP_SOLVERS = ("ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "adams_alpha", "adams_alpha_adaptive")
+NO_AFS_SOLVERS = ("adams_alpha", "adams_alpha_adaptive")  # solvers.SolverInfo.afs is False (kept here: listing rows needs no torch)
 
 
 def _multistep_rows() -> list[SamplerSpec]:
@@ -158,6 +158,9 @@ def _recommended_rows() -> list[SamplerSpec]:
                           "unipc", solver_order=3),
         edm_scheduler_row("edm-unipc3-afs-scheduler", "EDMScheduler(solver='unipc', solver_order=3, afs=True): UniPC bh2 "
                           "order 3, logsnr grid, analytical first step", "unipc", solver_order=3, afs=True),
+        edm_scheduler_row("edm-adams-alpha-adaptive-scheduler", "EDMScheduler(solver='adams_alpha_adaptive'): adams_alpha "
+                          "with the interpolation scale fitted per sample at every call, order 3, logsnr grid",
+                          "adams_alpha_adaptive"),
     ]
 
 

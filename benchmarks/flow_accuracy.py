@@ -3,8 +3,9 @@ at most 0.8 x the error of the best of diffusers' flow schedulers, on exact flow
 
     python benchmarks/flow_accuracy.py [--nfe 5,9,15,25] [--samples 128] [--problems latent,stiff,...]
 
---problems takes the eight spectra of `flow_common.PROBLEMS` (the default) and the six
-`flow_common.HELD_OUT` ones (unit, small, broad, large, image-latent, mixture-narrow).
+--problems takes the eight spectra of `flow_common.PROBLEMS` (the default), the six
+`flow_common.HELD_OUT` ones (unit, small, broad, large, image-latent, mixture-narrow) and the six
+`flow_common.HELD_OUT_2` ones (mid, tiny, huge, image-small, mixture-wide, mixture-unit).
 
 Every sampler runs in the SD3 / Flux loop (`flow_common.sd3_loop`: N(0, I) latents, the
 transformer at each timestep, `step`) on an exact velocity model (`flow_common`: eight data
@@ -13,7 +14,7 @@ from the same noise at t = 1 (pure noise), the trajectory SD3 / Flux sample.
 
 Ours: `EDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=s).config, solver=...)`
 with `num_inference_steps = NFE` and nothing else: dpmpp_2m, dpmpp_3m, unipc (order 2),
-unipc order 3 and adams_alpha (order 3), each on its default grid from pure noise. Theirs
+unipc order 3, adams_alpha and adams_alpha_adaptive (order 3), each on its default grid from pure noise. Theirs
 (`diffusers_flow_schedulers`): FlowMatchEuler, FlowMatchHeun (odd NFE), DPM-Solver++ 2M / 3M and UniPC-2 / 3 with
 use_flow_sigmas. Two ratios per NFE: best ours / best of the issue's four in their default
 configuration (FlowMatchEuler, FlowMatchHeun, DPM-Solver++ 2M flow, UniPC-2 flow), and best
@@ -27,7 +28,7 @@ import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from flow_common import (HELD_OUT, NAMED_PEERS, PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse,
+from flow_common import (HELD_OUT, HELD_OUT_2, NAMED_PEERS, PROBLEMS, SHIFTS, diffusers_flow_schedulers, exact_solution, median_rmse,
                          parse_arguments, sd3_loop, velocity_model)
 
 from edm_sampling.schedulers import EDMScheduler
@@ -38,6 +39,7 @@ OURS = {
     "EDM unipc": {"solver": "unipc"},
     "EDM unipc-3": {"solver": "unipc", "solver_order": 3},
     "EDM adams_alpha": {"solver": "adams_alpha"},
+    "EDM adams_alpha_adaptive": {"solver": "adams_alpha_adaptive"},
 }
 
 
@@ -51,7 +53,7 @@ def main() -> None:
     start = time.perf_counter()
     summary = []
     for problem in args.problems.split(","):
-        oracle = {**PROBLEMS, **HELD_OUT}[problem]()
+        oracle = {**PROBLEMS, **HELD_OUT, **HELD_OUT_2}[problem]()
         noise = torch.randn((args.samples, *oracle.sample_shape), generator=torch.Generator().manual_seed(1))
         truth, model = exact_solution(oracle, noise), velocity_model(oracle)
         for shift in SHIFTS:

@@ -94,6 +94,19 @@ HELD_OUT: dict[str, Callable[[], GaussianOracle | GaussianMixtureOracle]] = {
 """Six more spectra, added after the default grids and adams_alpha were chosen on PROBLEMS, to
 check them on data they were not chosen on (`--problems unit,small,...`)."""
 
+HELD_OUT_2: dict[str, Callable[[], GaussianOracle | GaussianMixtureOracle]] = {
+    "mid": lambda: pixel_gaussian(0.2, 0.8),
+    "tiny": lambda: pixel_gaussian(0.05, 0.3),
+    "huge": lambda: pixel_gaussian(2.0, 5.0),
+    "image-small": lambda: image_gaussian(1.0, 0.05, 1.5),
+    "mixture-wide": lambda: mixture([(2.0, 0.1, 1.0), (1.5, 0.2, 2.0), (2.5, 0.1, 1.5), (1.8, 0.15, 1.0), (2.2, 0.1, 2.5),
+                                     (1.6, 0.2, 3.0)]),
+    "mixture-unit": lambda: mixture([(1.1, 0.9, 2.0), (1.0, 0.8, 1.5), (1.2, 0.9, 2.0), (0.9, 0.85, 3.0), (1.0, 0.9, 1.0),
+                                     (1.1, 0.8, 2.5)]),
+}
+"""Six more, written after adams_alpha_adaptive was built and run on them once, unchanged after
+(`--problems mid,tiny,huge,image-small,mixture-wide,mixture-unit`)."""
+
 
 def data_mean(oracle: GaussianOracle | GaussianMixtureOracle) -> torch.Tensor:
     """E[y]: the ideal denoiser at pure noise."""

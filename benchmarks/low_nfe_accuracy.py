@@ -50,6 +50,8 @@ def our_rows() -> list[SamplerSpec]:
         "unipc-3": {"solver": "unipc", "solver_order": 3},
         "unipc-3-afs": {"solver": "unipc", "solver_order": 3, "afs": True},
         "deis": {"solver": "deis"},
+        "adams_alpha": {"solver": "adams_alpha"},
+        "adams_adapt": {"solver": "adams_alpha_adaptive"},
     }
     rows = []
     for name, kwargs in configs.items():
@@ -96,15 +98,15 @@ def main() -> None:
                     raise RuntimeError(f"{spec.name}: {calls} model calls at target NFE {nfe}")
                 table.setdefault(spec.name, {})[nfe] = error if calls == nfe or spec.family == DIFFUSERS else math.nan
         print(f"\n## {model_name}: median per-sample RMSE to the exact ODE solution (lower is better), {args.samples} samples")
-        print(f"{'sampler':<28}" + "".join(f"{n:>10}" for n in nfes))
+        print(f"{'sampler':<28}" + "".join(f"{n:>12}" for n in nfes))
         for name, row in table.items():
-            print(f"{name:<28}" + "".join(f"{row[n]:>10.3g}" for n in nfes))
+            print(f"{name:<28}" + "".join(f"{row[n]:>12.3g}" for n in nfes))
         best_ours = {n: min((row[n], name) for name, row in table.items() if name.startswith("EDMScheduler") and not math.isnan(row[n])) for n in nfes}
         best_theirs = {n: min((row[n], name) for name, row in table.items() if not name.startswith("EDMScheduler")) for n in nfes}
         ratios = [best_ours[n][0] / best_theirs[n][0] for n in nfes]
-        print(f"{'best ours / best diffusers':<28}" + "".join(f"{r:>10.3f}" for r in ratios))
-        print(f"{'  best ours':<28}" + "".join(f"{best_ours[n][1][13:-1]:>10}" for n in nfes))
-        print(f"{'  best diffusers':<28}" + "".join(f"{best_theirs[n][1][:9]:>10}" for n in nfes))
+        print(f"{'best ours / best diffusers':<28}" + "".join(f"{r:>12.3f}" for r in ratios))
+        print(f"{'  best ours':<28}" + "".join(f"{best_ours[n][1][13:-1]:>12}" for n in nfes))
+        print(f"{'  best diffusers':<28}" + "".join(f"{best_theirs[n][1][:9]:>12}" for n in nfes))
         met = all(r <= args.target for r in ratios)
         verdicts.append(f"{model_name}: ratio {min(ratios):.3f} .. {max(ratios):.3f} (geometric mean "
                         f"{math.exp(np.mean(np.log(ratios))):.3f}); target <= {args.target} at every NFE: {'met' if met else 'NOT met'}")

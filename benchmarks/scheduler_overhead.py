@@ -1,6 +1,7 @@
 """Scheduler overhead per model call: time spent in `scale_model_input` + `step`, with a model
 that costs nothing (it returns a fixed tensor), for EDMScheduler (Heun, and the multistep
-solvers dpmpp_2m and unipc) against diffusers' HeunDiscreteScheduler, EulerDiscreteScheduler,
+solvers dpmpp_2m, unipc and adams_alpha_adaptive, whose step also reads 4 numbers per sample
+back to the host) against diffusers' HeunDiscreteScheduler, EulerDiscreteScheduler,
 DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler on the same latents.
 
     python benchmarks/scheduler_overhead.py [--device cuda] [--steps 18] [--repeats 7]
@@ -8,7 +9,8 @@ DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler on the same latents
 Each scheduler runs the whole sampling loop of `--steps` steps `--repeats` times; the median
 over repeats of (loop time) / (model calls) is reported. Target: EDMScheduler(heun) at most
 0.5x HeunDiscreteScheduler's overhead; also reported: EDMScheduler(dpmpp_2m) against
-DPMSolverMultistepScheduler and EDMScheduler(unipc) against UniPCMultistepScheduler.
+DPMSolverMultistepScheduler, EDMScheduler(unipc) and EDMScheduler(adams_alpha_adaptive) against
+UniPCMultistepScheduler.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def main() -> None:
     device = torch.device(args.device)
     config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
     print(f"device={device} steps={args.steps} repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'shape':>16} {'scheduler':>24} {'calls':>5} {'us/call':>9} {'vs Heun':>8} {'vs Euler':>8}")
+    print(f"{'shape':>16} {'scheduler':>34} {'calls':>5} {'us/call':>9} {'vs Heun':>8} {'vs Euler':>8}")
     for shape in SHAPES:
         generator = torch.Generator().manual_seed(0)
         latents = torch.randn(shape, generator=generator).to(device)
@@ -75,6 +77,7 @@ def main() -> None:
             "EDMScheduler(heun)": EDMScheduler.from_config(config),
             "EDMScheduler(dpmpp_2m)": EDMScheduler.from_config(config, solver="dpmpp_2m"),
             "EDMScheduler(unipc)": EDMScheduler.from_config(config, solver="unipc"),
+            "EDMScheduler(adams_alpha_adaptive)": EDMScheduler.from_config(config, solver="adams_alpha_adaptive"),
             "HeunDiscreteScheduler": HeunDiscreteScheduler.from_config(config),
             "EulerDiscreteScheduler": EulerDiscreteScheduler.from_config(config),
             "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler.from_config(config),
@@ -86,10 +89,11 @@ def main() -> None:
             results[name] = (overhead_per_call(scheduler, latents, output, args.steps, args.repeats), len(scheduler.timesteps))
         heun, euler = results["HeunDiscreteScheduler"][0], results["EulerDiscreteScheduler"][0]
         for name, (seconds, calls) in results.items():
-            print(f"{'x'.join(map(str, shape)):>16} {name:>24} {calls:>5} {seconds * 1e6:>9.1f} {seconds / heun:>8.2f} {seconds / euler:>8.2f}")
+            print(f"{'x'.join(map(str, shape)):>16} {name:>34} {calls:>5} {seconds * 1e6:>9.1f} {seconds / heun:>8.2f} {seconds / euler:>8.2f}")
         ratio = results["EDMScheduler(heun)"][0] / heun
         print(f"{'':>16} EDMScheduler(heun) / HeunDiscreteScheduler = {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'})")
-        for ours, theirs in (("EDMScheduler(dpmpp_2m)", "DPMSolverMultistepScheduler"), ("EDMScheduler(unipc)", "UniPCMultistepScheduler")):
+        for ours, theirs in (("EDMScheduler(dpmpp_2m)", "DPMSolverMultistepScheduler"), ("EDMScheduler(unipc)", "UniPCMultistepScheduler"),
+                             ("EDMScheduler(adams_alpha_adaptive)", "UniPCMultistepScheduler")):
             print(f"{'':>16} {ours} / {theirs} = {results[ours][0] / results[theirs][0]:.2f}")
 
 

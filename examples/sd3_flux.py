@@ -17,7 +17,7 @@ from edm_sampling import EDMScheduler
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", required=True, help="local StableDiffusion3Pipeline / FluxPipeline folder")
 parser.add_argument("--prompt", default="a photo of a cat")
-parser.add_argument("--solver", default="unipc", help="a solver of edm_sampling.solvers.SOLVERS")
+parser.add_argument("--solver", default="adams_alpha_adaptive", help="a solver of edm_sampling.solvers.SOLVERS")
 parser.add_argument("--steps", type=int, default=9)
 parser.add_argument("--guidance-scale", type=float, default=5.0)
 parser.add_argument("--height", type=int, default=None)

@@ -59,7 +59,7 @@ def test_sd3(tmp_path, monkeypatch, capsys):
     StableDiffusion3Pipeline(**tiny_sd3_components(tmp_path / "parts")).save_pretrained(tmp_path / "sd3")
     out = _run(monkeypatch, capsys, "sd3_flux.py", "--model", str(tmp_path / "sd3"), "--steps", "3", "--no-t5",
                "--output", str(tmp_path / "sd3.png"))
-    assert "StableDiffusion3Pipeline with EDMScheduler(unipc): 3 model calls" in out
+    assert "StableDiffusion3Pipeline with EDMScheduler(adams_alpha_adaptive): 3 model calls" in out
     assert (tmp_path / "sd3.png").is_file()
 
 

@@ -791,6 +791,7 @@ def motion_gram(denoised: Sequence[torch.Tensor]) -> np.ndarray:
 
 ADAPTIVE_SCALE_RANGE = 64.0
 """adams_alpha_adaptive's interpolation scale stays within sigma_data / 64 .. sigma_data * 64."""
+_LOG_SCALE_TABLE = np.linspace(-math.log(ADAPTIVE_SCALE_RANGE), math.log(ADAPTIVE_SCALE_RANGE), 2049)
 
 
 def interpolation_scale(gram: np.ndarray, nodes: Sequence[float], sigma: float, sigma_data: float = 1.0) -> np.ndarray:
@@ -799,7 +800,9 @@ def interpolation_scale(gram: np.ndarray, nodes: Sequence[float], sigma: float, 
     alpha_c = `signal_fraction`(., c) through the first two predicts D_{i-1} - w(c) (D_{i-1} -
     D_{i-2}) at sigma, w(c) its weight of D_{i-2}, and c minimizes the residual |d_1 + w(c) d_2|^2
     (d_1 = D_i - D_{i-1}, d_2 = D_{i-1} - D_{i-2}; `gram` their Gram matrices, `motion_gram`): w(c)
-    = -<d_1, d_2> / |d_2|^2, solved by bisection in log c (w is monotone in c).
+    = -<d_1, d_2> / |d_2|^2. w is monotone in c and the same for every sample: it is tabulated
+    once on 2049 log-spaced scales, and each sample's root is bracketed there and refined by
+    three false-position steps (to ~1e-12 in log c).
 
     Leave-one-out calibration of the interpolation variable on the sample's own trajectory: for
     Gaussian data of one std a, D is linear in alpha_a (`adams_alpha_update`), so c = a, whatever
@@ -815,14 +818,23 @@ def interpolation_scale(gram: np.ndarray, nodes: Sequence[float], sigma: float, 
         scale = np.exp(log_scale)
         return _alpha_difference(sigma, nodes[0], scale) / _alpha_difference(nodes[1], nodes[0], scale)
 
-    low = np.full(gram.shape[0], math.log(sigma_data / ADAPTIVE_SCALE_RANGE))
-    high = np.full(gram.shape[0], math.log(sigma_data * ADAPTIVE_SCALE_RANGE))
-    increasing = weight(high) > weight(low)
-    for _ in range(40):  # the bracket, log(64^2), to ~1e-11
-        middle = 0.5 * (low + high)
-        up = (weight(middle) < target) == increasing
-        low, high = np.where(up, middle, low), np.where(up, high, middle)
-    return np.where(moving, np.exp(0.5 * (low + high)), float(sigma_data))
+    logs = math.log(sigma_data) + _LOG_SCALE_TABLE
+    table = weight(logs)
+    if table[-1] < table[0]:
+        logs, table = logs[::-1], table[::-1]
+    target = np.clip(np.nan_to_num(target, nan=table[0]), table[0], table[-1])
+    upper = np.clip(np.searchsorted(table, target), 1, len(table) - 1)
+    low, high = logs[upper - 1], logs[upper]
+    below, above = table[upper - 1] - target, table[upper] - target
+    estimate = low
+    for _ in range(3):
+        span = above - below
+        estimate = np.where(span != 0, low - below * (high - low) / np.where(span != 0, span, 1.0), 0.5 * (low + high))
+        value = weight(estimate) - target
+        left = value <= 0
+        low, below = np.where(left, estimate, low), np.where(left, value, below)
+        high, above = np.where(left, high, estimate), np.where(left, above, value)
+    return np.where(moving, np.exp(estimate), float(sigma_data))
 
 
 def _adams_alpha_updates(

@@ -51,7 +51,7 @@ def our_rows() -> list[SamplerSpec]:
         "unipc-3-afs": {"solver": "unipc", "solver_order": 3, "afs": True},
         "deis": {"solver": "deis"},
         "adams_alpha": {"solver": "adams_alpha"},
-        "adams_adapt": {"solver": "adams_alpha_adaptive"},
+        "adams_adapt": {"solver": "adams_alpha_adaptive"},  # a short label for the 12-wide columns
     }
     rows = []
     for name, kwargs in configs.items():

@@ -18,7 +18,8 @@ EDM samplers (run as plain functions, and as EDMScheduler in a diffusers loop) w
 diffusers' DDIM, Euler, Heun, DPM-Solver++ 2M / 3M, UniPC and DEIS at equal NFE. By
 default it runs the first screen: the paper's Heun, our recommended EDMScheduler configurations
 (iPNDM and UniPC order 3, each with and without the analytical first step, and
-adams_alpha_adaptive) and diffusers' seven anchors; `--samplers paper | core | scheduler | diffusers | all` (or names) shows the others
+adams_alpha_adaptive) and diffusers' seven anchors; `--samplers paper | core | scheduler |
+diffusers | all` (or names) shows the others
 (DPM-Solver++ 3M through EDMScheduler is in the group "scheduler").
 
 Quality, lower is better everywhere: the per-sample RMSE to the ODE solution from the same

@@ -38,7 +38,7 @@ iPNDM and DEIS step in sigma (or t) and cannot start there (`SolverInfo.infinite
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -255,11 +255,13 @@ def _step_orders(num_steps: int, order: int, lower_order_final: bool, infinite_s
 
 
 def _multistep_plan(
-    solver: str, levels: tuple[float, ...], afs: bool, update: Callable[[int], tuple[Combination, ...]]
+    solver: str, levels: tuple[float, ...], afs: bool, update: Callable[[int], tuple[Combination, ...]],
+    adapt: Callable[[int], Callable[[np.ndarray], tuple[Combination, ...]] | None] = lambda i: None,
 ) -> SolverPlan:
-    """One Step per grid step i, at sigma_i (None for step 0 under afs), with update(i)'s results."""
+    """One Step per grid step i, at sigma_i (None for step 0 under afs), with update(i)'s results
+    and adapt(i) (`Step.adapt`; None: a fixed step)."""
     steps = tuple(
-        Step(None if afs and i == 0 else levels[i], levels[i], i, update(i)) for i in range(len(levels) - 1)
+        Step(None if afs and i == 0 else levels[i], levels[i], i, update(i), adapt(i)) for i in range(len(levels) - 1)
     )
     return SolverPlan(solver, levels, initial_noise_std(levels[0], levels[0]), steps, levels[:-1])
 
@@ -879,20 +881,21 @@ def _adams_alpha(
         raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
     _check_final_step(final_step)
     default = np.array([float(sigma_data)])
-    plan = _multistep_plan(solver, levels, False,
-                           lambda i: _as_floats(_adams_alpha_updates(levels, i, order, corrector, final_step, default)))
-    if not adaptive or order == 1:
-        return plan
 
-    def adapt_of(i: int) -> Callable[[np.ndarray], tuple[Combination, ...]]:
+    def adapt_of(i: int) -> Callable[[np.ndarray], tuple[Combination, ...]] | None:
+        """From the third call (three outputs to fit on); none where the scale cannot matter."""
+        if not adaptive or order == 1 or i < 2:
+            return None
+
         def adapt(gram: np.ndarray) -> tuple[Combination, ...]:
             scales = interpolation_scale(gram, (levels[i - 1], levels[i - 2]), levels[i], sigma_data)
             return _adams_alpha_updates(levels, i, order, corrector, final_step, scales)
 
         return adapt
 
-    steps = tuple(replace(step, adapt=adapt_of(step.index)) if step.index >= 2 else step for step in plan.steps)
-    return SolverPlan(plan.solver, plan.sigmas, plan.init_std, steps, plan.sigma_hats)
+    return _multistep_plan(solver, levels, False,
+                           lambda i: _as_floats(_adams_alpha_updates(levels, i, order, corrector, final_step, default)),
+                           adapt_of)
 
 
 def adams_alpha_plan(

@@ -709,14 +709,16 @@ def unipc_plan(
 
 def signal_fraction(sigma: float | np.ndarray, sigma_data: float = 1.0) -> float | np.ndarray:
     """alpha = sigma_data / sqrt(sigma_data^2 + sigma^2): 0 at pure noise (sigma = inf), 1 at the
-    data (sigma = 0); sqrt(c_skip) of EDM's preconditioning, VP's alpha for sigma_data = 1."""
-    return sigma_data / np.sqrt(sigma_data**2 + np.square(sigma))
+    data (sigma = 0); sqrt(c_skip) of EDM's preconditioning, VP's alpha for sigma_data = 1.
+    alpha(sigma) - alpha(inf), `_alpha_difference`, which holds the formula."""
+    return _alpha_difference(sigma, math.inf, np.float64(sigma_data))
 
 
 def _alpha_difference(sigma_a: float | np.ndarray, sigma_b: float, scale: np.ndarray) -> np.ndarray:
     """alpha(sigma_a) - alpha(sigma_b) at sigma_data = scale (`signal_fraction`; alpha(inf) = 0),
     without cancellation where both are near 1: c (sigma_b^2 - sigma_a^2) / (r_a r_b (r_a + r_b)),
-    r = sqrt(c^2 + sigma^2). sigma_b is one level; sigma_a one level or finite levels."""
+    r = sqrt(c^2 + sigma^2); alpha(sigma_a) = c / r_a for sigma_b = inf. sigma_b is one level;
+    sigma_a one level or levels (finite, unless sigma_b = inf)."""
     a_inf = np.ndim(sigma_a) == 0 and math.isinf(sigma_a)
     if math.isinf(sigma_b):
         return np.zeros_like(scale) if a_inf else scale / np.sqrt(scale**2 + np.square(sigma_a))
